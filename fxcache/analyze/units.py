@@ -1,0 +1,291 @@
+"""Stage 2, analyze: find the cacheable units of a captured denoiser.
+
+A *unit* is a set of graph nodes (its *region*) and the values that leave it (its
+*outputs*: region nodes used by nodes outside the region). Reusing a unit at a step
+means: every use of one of its outputs by a node outside the region reads a static
+cache buffer instead, and whatever then has no live user is not run.
+
+Two ways a region is found:
+
+- **module units**, from ``node.meta["nn_module_stack"]``: every node recorded under a
+  module path belongs to that module's region. U-Nets give ``down_blocks.i``,
+  ``mid_block``, ``up_blocks.i``, ``*.resnets.j``, ``*.attentions.j``; transformers
+  give ``transformer_blocks.i`` and their attention (``attn``, ``attn1``, ``attn2``)
+  and feed-forward (``ff``, ``ff_context``) sublayers; SD-like U-Nets give both.
+- **cut units**, from a value: the region is every node that only that value needs
+  (its exclusive ancestors). DeepCache's ``skip_branch.m`` is the cut at the
+  main-branch input of the up layer that concatenates skip connection m
+  (0 = shallowest), so reusing it skips everything deeper. Flux's single-stream
+  blocks get ``single_transformer_blocks.i.branch``: the cut at ``proj_out``, i.e. the
+  whole residual branch (attention and MLP run in parallel and are mixed by
+  ``proj_out``, so caching only ``attn`` would leave the largest matmul running).
+
+Units only annotate: the graph is not changed here. Each node's units are recorded in
+``node.meta["fxcache.units"]``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..errors import UnsupportedModelError
+from ..plan import UnitInfo
+from .costs import annotate_flops, graph_cost
+
+__all__ = ["Unit", "UnitSet", "find_units", "live_nodes"]
+
+
+@dataclass
+class Unit:
+    name: str
+    kind: str
+    region: frozenset  # node names
+    outputs: tuple  # node names, graph order
+    module_type: str | None = None
+    index: int | None = None
+    block: str | None = None
+    flops: int = 0  # FLOPs of the region's live nodes (what reusing the unit skips at least)
+    out_shapes: tuple = ()  # ((shape, dtype), ...) per output
+    order: int = 0
+    module: str | None = None  # module whose forward returns the unit's value(s)
+
+    @property
+    def cache_bytes(self) -> int:
+        total = 0
+        for shape, dtype in self.out_shapes:
+            n = 1
+            for s in shape:
+                n *= int(s)
+            total += n * torch.empty((), dtype=dtype).element_size()
+        return total
+
+    def contains(self, other: "Unit") -> bool:
+        return other.region <= self.region and other.region != self.region or (
+            other.region == self.region and other.order > self.order
+        )
+
+    def info(self, parent: str | None = None) -> UnitInfo:
+        return UnitInfo(
+            name=self.name,
+            kind=self.kind,
+            flops=self.flops,
+            parent=parent,
+            index=self.index,
+            block=self.block,
+            cache_bytes=self.cache_bytes,
+        )
+
+    def __repr__(self) -> str:
+        return f"Unit({self.name!r}, kind={self.kind!r}, flops={self.flops}, outputs={len(self.outputs)})"
+
+
+@dataclass
+class UnitSet:
+    """All units of one captured graph, with the graph's cost."""
+
+    units: list[Unit]
+    full_flops: int
+    skipped: dict[str, str] = field(default_factory=dict)  # module path → why it is not a unit
+
+    def __iter__(self):
+        return iter(self.units)
+
+    def __len__(self):
+        return len(self.units)
+
+    def by_name(self) -> dict[str, Unit]:
+        return {u.name: u for u in self.units}
+
+    def infos(self, names=None) -> list[UnitInfo]:
+        """UnitInfos, with ``parent`` = the smallest enclosing unit among ``names``."""
+        selected = [u for u in self.units if names is None or u.name in set(names)]
+        if names is not None:
+            order = {n: i for i, n in enumerate(names)}
+            selected.sort(key=lambda u: order[u.name])
+        out = []
+        for u in selected:
+            parents = [p for p in selected if p is not u and p.contains(u)]
+            parent = min(parents, key=lambda p: len(p.region)).name if parents else None
+            out.append(u.info(parent))
+        return out
+
+
+def _type_name(t) -> str:
+    name = getattr(t, "__name__", None) or str(t)
+    return name.rsplit(".", 1)[-1].strip("'>")
+
+
+_UNET_PATTERNS = [
+    (re.compile(r"^down_blocks\.\d+$"), "down_block"),
+    (re.compile(r"^mid_block$"), "mid_block"),
+    (re.compile(r"^up_blocks\.\d+$"), "up_block"),
+    (re.compile(r"\.resnets\.\d+$"), "resnet"),
+    (re.compile(r"\.attentions\.\d+$"), "attention"),
+]
+_BLOCK_RE = re.compile(r"(^|\.)(transformer_blocks)\.(\d+)$")
+_SINGLE_RE = re.compile(r"(^|\.)(single_transformer_blocks)\.(\d+)$")
+_ATTN_CHILD = {"attn", "attn1", "attn2"}
+_MLP_CHILD = {"ff", "ff_context"}
+
+
+def _classify(path: str, type_name: str) -> tuple[str, int | None, str | None] | None:
+    m = _SINGLE_RE.search(path)
+    if m:
+        return "single_block", int(m.group(3)), None
+    m = _BLOCK_RE.search(path)
+    if m:
+        return "transformer_block", int(m.group(3)), None
+    parent, _, child = path.rpartition(".")
+    pm = _BLOCK_RE.search(parent) or _SINGLE_RE.search(parent)
+    if pm:
+        index = int(pm.group(3))
+        if child in _ATTN_CHILD or "Attention" in type_name:
+            return "attention", index, parent
+        if child in _MLP_CHILD or type_name == "FeedForward":
+            return "mlp", index, parent
+        return None
+    for pattern, kind in _UNET_PATTERNS:
+        if pattern.search(path):
+            return kind, None, None
+    return None
+
+
+def _tensor_meta(node: fx.Node):
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return (tuple(val.shape), val.dtype)
+    return None
+
+
+def _innermost(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [p for p, _ in stack.values() if p]
+    return paths[-1] if paths else None
+
+
+def live_nodes(gm: fx.GraphModule, cut: dict | None = None) -> set:
+    """Names of the nodes the graph output needs, when the nodes in ``cut`` (name →
+    predicate on the user node's name, True when that use reads the cache instead)
+    are not traversed for those uses."""
+    cut = cut or {}
+    out = gm.graph.find_nodes(op="output")[0]
+    live: set = set()
+    stack = [out]
+    while stack:
+        node = stack.pop()
+        for arg in node.all_input_nodes:
+            if arg.name in live:
+                continue
+            pred = cut.get(arg.name)
+            if pred is not None and pred(node.name):
+                continue
+            live.add(arg.name)
+            stack.append(arg)
+    return live
+
+
+def _exclusive_region(gm: fx.GraphModule, node: fx.Node, full_live: set, within: set | None = None) -> frozenset:
+    cut_user_names = {u.name for u in node.users}
+    live = live_nodes(gm, {node.name: lambda user: user in cut_user_names})
+    region = full_live - live
+    if within is not None:
+        region &= within
+    return frozenset(region)
+
+
+def find_units(gm: fx.GraphModule) -> UnitSet:
+    """Annotate ``gm`` with FLOPs and return its cacheable units (graph order)."""
+    annotate_flops(gm)
+    nodes = list(gm.graph.nodes)
+    position = {n.name: i for i, n in enumerate(nodes)}
+    module_nodes: dict[str, list[fx.Node]] = {}
+    module_type: dict[str, str] = {}
+    repeated: set[str] = set()
+    for node in nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for key, (path, mtype) in stack.items():
+            if not path:
+                continue
+            if re.search(r"@\d+$", key):
+                repeated.add(path)
+            module_nodes.setdefault(path, []).append(node)
+            module_type.setdefault(path, _type_name(mtype))
+
+    full_live = live_nodes(gm)
+    full_cost = graph_cost(gm, [n for n in nodes if n.name in full_live])
+    units: list[Unit] = []
+    skipped: dict[str, str] = {}
+
+    def add(name, kind, region, outputs, mtype=None, index=None, block=None):
+        metas = [_tensor_meta(by_name[o]) for o in outputs]
+        if not outputs:
+            skipped[name] = "no value leaves it (nothing outside uses it)"
+            return
+        if any(m is None for m in metas):
+            skipped[name] = "a value leaving it is not a tensor"
+            return
+        saved = graph_cost(gm, [by_name[n] for n in region if n in full_live]).total
+        units.append(
+            Unit(
+                name=name,
+                kind=kind,
+                region=frozenset(region),
+                outputs=tuple(outputs),
+                module_type=mtype,
+                index=index,
+                block=block,
+                flops=saved,
+                out_shapes=tuple(metas),
+                module=name if mtype not in ("skip branch", "residual branch") else _innermost(by_name[outputs[0]]),
+            )
+        )
+
+    by_name = {n.name: n for n in nodes}
+    for path in sorted(module_nodes, key=lambda p: position[module_nodes[p][0].name]):
+        cls = _classify(path, module_type[path])
+        if cls is None:
+            continue
+        if path in repeated:
+            skipped[path] = "the module is called more than once in one forward"
+            continue
+        kind, index, block = cls
+        region = {n.name for n in module_nodes[path]}
+        outputs = [
+            n.name for n in module_nodes[path] if n.name in full_live and any(u.name not in region for u in n.users)
+        ]
+        add(path, kind, region, outputs, module_type[path], index, block)
+        if kind == "single_block":
+            proj = module_nodes.get(f"{path}.proj_out")
+            if proj:
+                proj_region = {n.name for n in proj}
+                outs = [n for n in proj if any(u.name not in proj_region for u in n.users)]
+                if len(outs) == 1:
+                    branch = _exclusive_region(gm, outs[0], full_live, within=region)
+                    add(f"{path}.branch", "branch", branch, [outs[0].name], "residual branch", index, path)
+
+    # DeepCache skip branches: the concatenations of the up path, shallowest last.
+    cats = []
+    for node in nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        paths = [p for p, _ in stack.values()]
+        if not paths or not re.fullmatch(r"up_blocks\.\d+", paths[-1]):
+            continue
+        tensors = node.args[0]
+        if len(tensors) == 2 and node.name in full_live:
+            cats.append(node)
+    for m, cat in enumerate(reversed(cats)):
+        main = cat.args[0][0]
+        region = _exclusive_region(gm, main, full_live)
+        add(f"skip_branch.{m}", "skip_branch", region, [main.name], "skip branch", m, None)
+
+    for i, u in enumerate(units):
+        u.order = i
+    for node in nodes:
+        node.meta["fxcache.units"] = [u.name for u in units if node.name in u.region]
+    return UnitSet(units=units, full_flops=full_cost.total, skipped=skipped)

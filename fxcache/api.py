@@ -1,0 +1,133 @@
+"""``fxcache.compile``: the stages in order (capture → analyze → schedule → rewrite →
+compile → run). Capture and everything after it happen at the first call, when the
+input shapes are known; a new input shape captures and plans again."""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+
+from .analyze.units import UnitSet, find_units
+from .capture import capture
+from .errors import UnitError
+from .plan import Plan, PlanError
+from .runtime import CachedModel, CompileOptions
+
+__all__ = ["compile", "units", "plan_for", "attach"]
+
+
+def _lower_to_plan(schedule, unitset: UnitSet, num_steps: int | None) -> Plan:
+    from .schedules import lower
+
+    infos = unitset.infos()
+    mask = lower(schedule, infos, num_steps)
+    by_name = unitset.by_name()
+    missing = [n for n in mask.units if n not in by_name]
+    if missing:
+        raise UnitError(f"the schedule names units {missing} that this model does not have")
+    _check_laminar([by_name[n] for n in mask.units])
+    return Plan(
+        unitset.infos(list(mask.units)),
+        mask.table,
+        periodic=mask.periodic,
+        full_flops=unitset.full_flops,
+        schedule=schedule,
+    )
+
+
+def _check_laminar(units) -> None:
+    for i, a in enumerate(units):
+        for b in units[i + 1 :]:
+            inter = a.region & b.region
+            if inter and not (inter == a.region or inter == b.region):
+                raise UnitError(
+                    f"units '{a.name}' and '{b.name}' overlap without one containing the other "
+                    f"({len(inter)} shared nodes); a plan's units must be nested or disjoint: drop one of them"
+                )
+
+
+def compile(
+    model: torch.nn.Module,
+    schedule,
+    *,
+    backend: str | None = "inductor",
+    mode: str | None = None,
+    num_steps: int | None = None,
+    max_shapes: int = 4,
+    fuse: bool = True,
+    options: dict | None = None,
+) -> CachedModel:
+    """Return a drop-in replacement for ``model`` that follows ``schedule``.
+
+    backend: ``"inductor"`` (default), any ``torch.compile`` backend, or ``None`` to
+    run the rewritten graphs eagerly. num_steps: required only by schedules that are
+    not periodic. max_shapes: input shapes whose graphs and buffers are kept.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, CachedModel):
+        raise TypeError("this model is already a CachedModel; compile the original model instead")
+    if max_shapes < 1:
+        raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
+    opts = CompileOptions(
+        backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options
+    )
+    return CachedModel(model, schedule, opts)
+
+
+def units(model: torch.nn.Module, *example_args, **example_kwargs) -> UnitSet:
+    """The cacheable units of ``model`` for these example inputs (captures once)."""
+    return find_units(capture(model, example_args, example_kwargs).gm)
+
+
+def plan_for(model: torch.nn.Module, schedule, *example_args, num_steps: int | None = None, **example_kwargs) -> Plan:
+    """The plan ``schedule`` gives on ``model`` for these inputs, bound to its rewritten graphs."""
+    from .rewrite.step_graphs import solve_steps
+
+    captured = capture(model, example_args, example_kwargs)
+    unitset = find_units(captured.gm)
+    plan = _lower_to_plan(schedule, unitset, num_steps)
+    solved = solve_steps(captured.gm, [u for u in unitset if u.name in set(plan.units)], plan)
+    plan._bind(solved.kind_of_step, solved.step_kinds)
+    return plan
+
+
+_DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder")
+
+
+def attach(pipe, schedule=None, *, denoiser: str | None = None, **compile_kwargs):
+    """Put a cached denoiser into a diffusers pipeline and start a new generation at
+    every call of the pipeline. ``schedule=None`` keeps an already cached denoiser."""
+    name = denoiser or next((a for a in _DENOISER_ATTRS if getattr(pipe, a, None) is not None), None)
+    if name is None:
+        raise UnitError(
+            f"{type(pipe).__name__} has none of the attributes {_DENOISER_ATTRS}; pass denoiser='name' "
+            f"to say which component is the denoiser"
+        )
+    cached = getattr(pipe, name)
+    if schedule is not None:
+        if isinstance(cached, CachedModel):
+            cached = cached.model
+        cached = compile(cached, schedule, **compile_kwargs)
+        setattr(pipe, name, cached)
+    elif not isinstance(cached, CachedModel):
+        raise UnitError(f"pipe.{name} is not a CachedModel; pass a schedule to compile it")
+
+    cls = type(pipe)
+    if not getattr(cls, "_fxcache_attached", False):
+        original_call = cls.__call__
+
+        @functools.wraps(original_call)
+        def __call__(self, *args, **kwargs):
+            denoiser_module = getattr(self, self._fxcache_denoiser)
+            if isinstance(denoiser_module, CachedModel):
+                with denoiser_module.generation():
+                    return original_call(self, *args, **kwargs)
+            return original_call(self, *args, **kwargs)
+
+        sub = type(cls.__name__, (cls,), {"__call__": __call__, "_fxcache_attached": True})
+        pipe.__class__ = sub
+    pipe._fxcache_denoiser = name
+    return pipe

@@ -1,0 +1,26 @@
+"""Exception classes. Every message names the node or module, what is not supported,
+and what to do instead."""
+
+from __future__ import annotations
+
+__all__ = ["FxcacheError", "CaptureError", "UnsupportedModelError", "UnitError", "CheckpointError"]
+
+
+class FxcacheError(Exception):
+    """Base class of fxcache's errors."""
+
+
+class CaptureError(FxcacheError):
+    """The model could not be captured into a graph."""
+
+
+class UnsupportedModelError(FxcacheError, ValueError):
+    """The model (or one of its modules) has a shape fxcache cannot cache."""
+
+
+class UnitError(FxcacheError, ValueError):
+    """A unit named by a schedule does not exist or cannot be cached as asked."""
+
+
+class CheckpointError(FxcacheError, ValueError):
+    """A saved artefact does not fit the model or schedule it is loaded into."""

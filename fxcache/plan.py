@@ -1,0 +1,300 @@
+"""The plan: which unit runs at which denoising step.
+
+Pure Python, no torch. A :class:`Plan` is the boolean table ``compute[step][unit]``
+(True: run the unit and refresh its cache; False: read the value it produced the last
+time it ran) over a list of :class:`UnitInfo`, plus the FLOP figures that make the
+table meaningful. Every schedule (DeepCache, FORA, BlockCache, learned masks) lowers
+to a :class:`fxcache.schedules.Mask`, and a mask plus the units of a model gives a
+:class:`Plan`.
+
+The rewrite stage later *binds* the plan to the graphs it built: which step runs which
+compiled graph ("executed step kinds"), each with the FLOPs it really executes after
+dead-code removal and liveness. Before binding, FLOP figures are estimates from the
+unit costs; after binding they are counted on the rewritten graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+__all__ = ["UnitInfo", "Plan", "PlanError", "StepKind"]
+
+
+class PlanError(ValueError):
+    """A plan that cannot be executed: its message names the step and the unit."""
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """A cacheable part of a denoiser, as the schedules see it.
+
+    name:   the module path (``up_blocks.1``, ``transformer_blocks.3.attn1``), or
+            ``skip_branch.{m}`` for DeepCache's branch m (0 = shallowest skip).
+    kind:   ``skip_branch``, ``down_block``, ``mid_block``, ``up_block``, ``resnet``,
+            ``attention``, ``transformer_block``, ``mlp``, ``single_block``...
+    flops:  FLOPs no longer executed when this unit alone is reused.
+    parent: name of the smallest enclosing unit, or None.
+    index:  skip-branch number, or the transformer block number for blocks and their
+            sublayers; None otherwise.
+    block:  for attention/mlp sublayers of a transformer block, the block's name.
+    cache_bytes: bytes of the values that leave the unit (its cache slot).
+    """
+
+    name: str
+    kind: str
+    flops: int = 0
+    parent: str | None = None
+    index: int | None = None
+    block: str | None = None
+    cache_bytes: int = 0
+
+
+@dataclass
+class StepKind:
+    """One distinct graph the runtime executes."""
+
+    index: int
+    steps: list[int]
+    computed: tuple[str, ...]
+    reused: tuple[str, ...]
+    flops: int
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    nodes: int | None = None
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} "
+
+
+def _fmt_bytes(x: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{int(x)} B"
+
+
+class Plan:
+    """``compute[step][unit]`` over named units, validated on construction.
+
+    ``periodic=True`` means the table is one period that repeats for ever (FORA,
+    uniform DeepCache); otherwise it covers exactly ``len(table)`` steps and the
+    runtime starts a new generation after the last one.
+    """
+
+    def __init__(
+        self,
+        units: Sequence[UnitInfo],
+        table: Sequence[Sequence[bool]],
+        *,
+        periodic: bool = False,
+        full_flops: int = 0,
+        schedule: object = None,
+    ):
+        self.unit_infos: tuple[UnitInfo, ...] = tuple(units)
+        self.units: tuple[str, ...] = tuple(u.name for u in self.unit_infos)
+        self.table: tuple[tuple[bool, ...], ...] = tuple(tuple(bool(v) for v in row) for row in table)
+        self.periodic = bool(periodic)
+        self.full_flops = int(full_flops)
+        self.schedule = schedule
+        self._by_name = {u.name: u for u in self.unit_infos}
+        self._kind_of_step: list[int] | None = None
+        self._kinds: list[StepKind] | None = None
+        self.compiled_graphs: int | None = None
+        self.compile_note: str = ""
+        self._validate()
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def num_steps(self) -> int:
+        """Steps in the table (one period for a periodic plan)."""
+        return len(self.table)
+
+    def row(self, step: int) -> tuple[bool, ...]:
+        if self.periodic:
+            return self.table[step % len(self.table)]
+        if not 0 <= step < len(self.table):
+            raise PlanError(f"step {step} is outside this plan of {len(self.table)} steps")
+        return self.table[step]
+
+    def computed_at(self, step: int) -> tuple[str, ...]:
+        return tuple(n for n, c in zip(self.units, self.row(step)) if c)
+
+    def reused_at(self, step: int) -> tuple[str, ...]:
+        return tuple(n for n, c in zip(self.units, self.row(step)) if not c)
+
+    def ancestors(self, name: str) -> list[str]:
+        out = []
+        parent = self._by_name[name].parent
+        while parent is not None and parent in self._by_name:
+            out.append(parent)
+            parent = self._by_name[parent].parent
+        return out
+
+    # -------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        if not self.units:
+            raise PlanError("a plan needs at least one unit")
+        if len(set(self.units)) != len(self.units):
+            dup = sorted({n for n in self.units if self.units.count(n) > 1})
+            raise PlanError(f"unit names must be unique; repeated: {dup}")
+        if not self.table:
+            raise PlanError("a plan needs at least one step")
+        for s, row in enumerate(self.table):
+            if len(row) != len(self.units):
+                raise PlanError(
+                    f"step {s} has {len(row)} entries but the plan has {len(self.units)} units {list(self.units)}"
+                )
+        # Read-before-write: a unit reused at step s must have been computed at an
+        # earlier step, unless an enclosing unit is reused at s too (then nobody can
+        # observe the inner unit's value at s).
+        written = [False] * len(self.units)
+        index = {n: i for i, n in enumerate(self.units)}
+        for s, row in enumerate(self.table):
+            for i, name in enumerate(self.units):
+                if row[i] or written[i]:
+                    continue
+                if any(not row[index[a]] for a in self.ancestors(name) if a in index):
+                    continue
+                raise PlanError(
+                    f"step {s} reuses unit '{name}' but no earlier step computed it, so its cache slot "
+                    f"would be read before it was ever written; compute '{name}' at step {s} or earlier "
+                    f"(every plan must compute everything it reuses at its first step)"
+                )
+            for i in range(len(self.units)):
+                written[i] = written[i] or row[i]
+
+    # ------------------------------------------------------------------- flops
+    def estimated_flops(self, row: Sequence[bool]) -> int:
+        """Full FLOPs minus the savings of the outermost reused units."""
+        index = {n: i for i, n in enumerate(self.units)}
+        saved = 0
+        for i, name in enumerate(self.units):
+            if row[i]:
+                continue
+            if any(not row[index[a]] for a in self.ancestors(name) if a in index):
+                continue  # an enclosing reused unit already accounts for it
+            saved += self._by_name[name].flops
+        return max(self.full_flops - saved, 0)
+
+    def _bind(self, kind_of_step: list[int], kinds: list[StepKind]) -> None:
+        """Called by the rewrite: the executed graph of each step, with counted FLOPs."""
+        self._kind_of_step = list(kind_of_step)
+        self._kinds = list(kinds)
+
+    @property
+    def bound(self) -> bool:
+        return self._kinds is not None
+
+    @property
+    def step_kinds(self) -> list[StepKind]:
+        """Distinct executed graphs once bound; distinct table rows before."""
+        if self._kinds is not None:
+            return self._kinds
+        kinds: dict[tuple[bool, ...], StepKind] = {}
+        for s, row in enumerate(self.table):
+            if row not in kinds:
+                kinds[row] = StepKind(
+                    index=len(kinds),
+                    steps=[],
+                    computed=tuple(n for n, c in zip(self.units, row) if c),
+                    reused=tuple(n for n, c in zip(self.units, row) if not c),
+                    flops=self.estimated_flops(row),
+                )
+            kinds[row].steps.append(s)
+        return list(kinds.values())
+
+    def kind_of_step(self, step: int) -> int:
+        if self._kind_of_step is None:
+            rows = {k.computed: k.index for k in self.step_kinds}
+            return rows[self.computed_at(step)]
+        n = len(self._kind_of_step)
+        return self._kind_of_step[step % n if self.periodic else step]
+
+    def step_flops(self, step: int) -> int:
+        return self.step_kinds[self.kind_of_step(step)].flops
+
+    @property
+    def planned_flops(self) -> int:
+        """FLOPs of all steps of the table (one period for a periodic plan)."""
+        return sum(self.step_flops(s) for s in range(self.num_steps))
+
+    @property
+    def ideal_speedup(self) -> float:
+        planned = self.planned_flops
+        return (self.full_flops * self.num_steps / planned) if planned else float("inf")
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the static cache buffers of one cache state (one input shape)."""
+        if self._kinds is not None:
+            slots = {r for k in self._kinds for r in (*k.reads, *k.writes)}
+        else:
+            slots = {n for s in range(self.num_steps) for n in self.reused_at(s)}
+        return sum(self._by_name[n].cache_bytes for n in slots if n in self._by_name)
+
+    # ------------------------------------------------------------------ output
+    def explain(self) -> str:
+        lines = []
+        sched = f" from {self.schedule!r}" if self.schedule is not None else ""
+        period = f"a period of {self.num_steps} steps that repeats" if self.periodic else f"{self.num_steps} steps"
+        lines.append(f"fxcache plan{sched}: {len(self.units)} units, {period}")
+        lines.append(
+            f"  full step: {_fmt_flops(self.full_flops)}FLOPs | planned: {_fmt_flops(self.planned_flops)}FLOPs "
+            f"over {self.num_steps} steps | ideal speed-up {self.ideal_speedup:.2f}x"
+            + ("" if self.bound else " (estimated; exact once compiled)")
+        )
+        lines.append(f"  cache: {_fmt_bytes(self.cache_bytes)} per cache state")
+        lines.append("  units:")
+        width = max(len(n) for n in self.units)
+        for u in self.unit_infos:
+            frac = u.flops / self.full_flops if self.full_flops else 0.0
+            lines.append(
+                f"    {u.name:<{width}}  {u.kind:<17} saves {_fmt_flops(u.flops)}FLOPs "
+                f"({frac:6.1%} of a full step), cache {_fmt_bytes(u.cache_bytes)}"
+            )
+        lines.append(f"  step kinds ({len(self.step_kinds)}):")
+        for k in self.step_kinds:
+            frac = k.flops / self.full_flops if self.full_flops else 0.0
+            steps = _fmt_steps(k.steps)
+            lines.append(
+                f"    kind {k.index}: steps {steps}; {_fmt_flops(k.flops)}FLOPs ({frac:.1%} of full)"
+                + (f", {k.nodes} nodes" if k.nodes is not None else "")
+            )
+            lines.append(f"      runs:   {_fmt_names(k.computed, self.units)}")
+            lines.append(f"      reuses: {_fmt_names(k.reused, self.units)}")
+            if self.bound:
+                lines.append(f"      reads {len(k.reads)} slots, writes {len(k.writes)} slots")
+        if self.compiled_graphs is not None:
+            lines.append(f"  compiled graphs: {self.compiled_graphs}" + (f" ({self.compile_note})" if self.compile_note else ""))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()
+
+    def __repr__(self) -> str:
+        return (
+            f"Plan(units={len(self.units)}, steps={self.num_steps}, periodic={self.periodic}, "
+            f"kinds={len(self.step_kinds)}, ideal_speedup={self.ideal_speedup:.2f})"
+        )
+
+
+def _fmt_steps(steps: Iterable[int]) -> str:
+    steps = list(steps)
+    if len(steps) > 12:
+        return ", ".join(map(str, steps[:10])) + f", ... ({len(steps)} steps)"
+    return ", ".join(map(str, steps))
+
+
+def _fmt_names(names: Sequence[str], all_names: Sequence[str]) -> str:
+    if not names:
+        return "-"
+    if len(names) == len(all_names):
+        return "all units"
+    if len(names) > 8:
+        return ", ".join(names[:8]) + f", ... ({len(names)} units)"
+    return ", ".join(names)

@@ -1,0 +1,250 @@
+"""Stage 4, rewrite: one graph per kind of step, with static cache buffers.
+
+The meaning of a plan is the naive reference: run the model as written; a unit that is
+not computed at a step yields the value it produced the last time it was computed. For
+nested units the outermost reused unit wins (a forward hook on the outer module
+replaces whatever the inner one returned). This pass produces graphs with exactly that
+meaning and nothing more:
+
+- every use of a reused unit's output by a node outside the unit reads a cache buffer
+  (an extra graph input, allocated once per input shape and written in place);
+- a computed unit writes its buffers (``aten.copy_``) only when a later step reads
+  them: liveness across steps is solved backwards from the last step
+  (:func:`solve_steps`);
+- only nodes that the output or a needed write depends on are copied into the new
+  graph, so a unit whose output nobody needs at this step or later does not run at all
+  (the "mask rectification" of the timestep-aware masking paper, for any graph shape).
+
+Dead code is decided by this pass's own liveness rule, not by FX's
+``eliminate_dead_code``: in exported graphs FX treats ``aten.dropout`` and
+``aten.scaled_dot_product_attention`` as impure and keeps whole dead regions alive. In
+inference every node here is pure except the cache writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+
+from ..analyze.costs import graph_cost
+from ..analyze.units import Unit
+from ..plan import Plan, PlanError, StepKind
+
+__all__ = ["StepGraph", "build_step_graph", "solve_steps", "buffer_name"]
+
+
+def buffer_name(unit: str, k: int) -> str:
+    return "cache__" + unit.replace(".", "_") + f"__{k}"
+
+
+@dataclass
+class StepGraph:
+    gm: fx.GraphModule
+    reused: frozenset
+    writes: tuple  # unit names written, in buffer-argument order
+    reads: tuple  # unit names read, in buffer-argument order
+    buffers: tuple  # (unit, k) per extra input, in order
+    flops: int
+    nodes: int
+    executed: frozenset = frozenset()  # original node names that run
+
+    def code_key(self) -> str:
+        return self.gm.code
+
+
+class _Resolver:
+    """Maps (value node, user) to the value the user sees under the plan's meaning."""
+
+    def __init__(self, units: list[Unit], reused: frozenset):
+        self.reused = reused
+        self.out_units: dict[str, list[Unit]] = {}
+        for u in units:
+            for o in u.outputs:
+                self.out_units.setdefault(o, []).append(u)
+        for lst in self.out_units.values():  # outermost first
+            lst.sort(key=lambda u: (-len(u.region), u.order))
+
+    def resolve(self, value: str, inside: Callable[[Unit], bool]):
+        """``(unit, k)`` of the cache read the user sees, or None for the computed value."""
+        for u in self.out_units.get(value, ()):
+            if u.name in self.reused and not inside(u):
+                return (u.name, u.outputs.index(value))
+        return None
+
+
+def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, writes: Iterable[str]):
+    """Live original nodes, cache reads used, and the resolved value of every write."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    live: set[str] = set()
+    reads: set[tuple] = set()
+    stack: list[fx.Node] = []
+
+    def need(value: str, inside) -> None:
+        r = resolver.resolve(value, inside)
+        if r is not None:
+            reads.add(r)
+        elif value not in live:
+            live.add(value)
+            stack.append(by_name[value])
+
+    write_src: dict[tuple, object] = {}
+    for w in writes:
+        u = units[w]
+        # the value as seen just outside u: units inside u still apply, units that
+        # enclose u do not (the write happens inside them).
+        inside = lambda v, u=u: v.contains(u)
+        for k, o in enumerate(u.outputs):
+            r = resolver.resolve(o, inside)
+            write_src[(w, k)] = r if r is not None else o
+            need(o, inside)
+    out = gm.graph.find_nodes(op="output")[0]
+    for arg in out.all_input_nodes:
+        need(arg.name, lambda v, n=out.name: n in v.region)
+    while stack:
+        node = stack.pop()
+        for arg in node.all_input_nodes:
+            need(arg.name, lambda v, n=node.name: n in v.region)
+    return live, reads, write_src
+
+
+def build_step_graph(gm: fx.GraphModule, units: list[Unit], reused: Iterable[str], writes: Iterable[str]) -> StepGraph:
+    """A copy of ``gm`` for one kind of step (a pass: graph in, graph out)."""
+    reused = frozenset(reused)
+    by_unit = {u.name: u for u in units}
+    writes = tuple(w for w in (u.name for u in units) if w in set(writes))
+    for w in writes:
+        if w in reused:
+            raise PlanError(f"unit '{w}' cannot be both reused and written at one step")
+    resolver = _Resolver(units, reused)
+    live, reads, write_src = _liveness(gm, by_unit, resolver, writes)
+
+    read_order = sorted(reads, key=lambda r: (by_unit[r[0]].order, r[1]))
+    write_slots = [(w, k) for w in writes for k in range(len(by_unit[w].outputs))]
+    buffers = tuple(read_order) + tuple(s for s in write_slots if s not in reads)
+
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    for ph in placeholders:
+        new = graph.placeholder(ph.name)
+        new.meta = dict(ph.meta)
+        env[ph.name] = new
+    buf_nodes: dict[tuple, fx.Node] = {}
+    for slot in buffers:
+        node = graph.placeholder(buffer_name(*slot))
+        unit = by_unit[slot[0]]
+        src = next(n for n in gm.graph.nodes if n.name == unit.outputs[slot[1]])
+        node.meta["val"] = src.meta.get("val")
+        node.meta["fxcache.buffer"] = slot
+        buf_nodes[slot] = node
+
+    def load(arg: fx.Node, user: str):
+        r = resolver.resolve(arg.name, lambda v: user in v.region)
+        if r is not None:
+            return buf_nodes[r]
+        return env[arg.name]
+
+    executed = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") or node.name not in live:
+            continue
+        new = graph.node_copy(node, lambda a, n=node.name: load(a, n))
+        env[node.name] = new
+        executed.append(node.name)
+    for slot in write_slots:
+        src = write_src[slot]
+        value = buf_nodes[src] if isinstance(src, tuple) else env[src]
+        graph.call_function(torch.ops.aten.copy_.default, (buf_nodes[slot], value))
+    out = gm.graph.find_nodes(op="output")[0]
+    graph.output(fx.map_arg(out.args[0], lambda a: load(a, out.name)))
+    graph.lint()
+    new_gm = fx.GraphModule(gm, graph, class_name="StepGraph")
+    flops = graph_cost(gm, [n for n in gm.graph.nodes if n.name in live]).total
+    return StepGraph(
+        gm=new_gm,
+        reused=reused,
+        writes=writes,
+        reads=tuple(dict.fromkeys(r[0] for r in read_order)),
+        buffers=buffers,
+        flops=flops,
+        nodes=len(graph.nodes),
+        executed=frozenset(executed),
+    )
+
+
+@dataclass
+class SolvedSteps:
+    graphs: list[StepGraph]
+    kind_of_step: list[int]
+    step_kinds: list[StepKind] = field(default_factory=list)
+
+
+def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan) -> SolvedSteps:
+    """Liveness across steps, then one graph per distinct step.
+
+    Backwards from the last step: a computed unit writes its cache only if the value
+    is read at a later step before it is computed again. A periodic plan is solved over
+    two periods with every cache assumed needed after the second, and the first period
+    is kept: writes at the end of a period serve the next one.
+    """
+    by_unit = {u.name: u for u in units}
+    plan_units = [by_unit[n] for n in plan.units]
+    n_steps = plan.num_steps
+    horizon = 2 * n_steps if plan.periodic else n_steps
+    need = {n: plan.periodic for n in plan.units}
+    per_step: list = [None] * horizon
+    cache: dict = {}
+    for t in reversed(range(horizon)):
+        row = plan.row(t)
+        reused = frozenset(n for n, c in zip(plan.units, row) if not c)
+        writes = frozenset(n for n, c in zip(plan.units, row) if c and need[n])
+        key = (reused, writes)
+        if key not in cache:
+            cache[key] = build_step_graph(gm, plan_units, reused, writes)
+        sg = cache[key]
+        per_step[t] = key
+        read_units = set(sg.reads)
+        need = {n: (n in read_units) or (n in reused and need[n]) for n in plan.units}
+
+    # forward check: no live read of a slot that no earlier step wrote
+    written: set = set()
+    for t in range(n_steps):
+        sg = cache[per_step[t]]
+        for r in sg.reads:
+            if r not in written:
+                raise PlanError(
+                    f"step {t} reads the cache of unit '{r}' but no earlier step wrote it; "
+                    f"compute '{r}' (or every unit enclosing it) at step {t} or earlier"
+                )
+        written |= set(sg.writes)
+
+    graphs: list[StepGraph] = []
+    index_of_code: dict[str, int] = {}
+    kind_of_step: list[int] = []
+    for t in range(n_steps):
+        sg = cache[per_step[t]]
+        code = sg.gm.code
+        if code not in index_of_code:
+            index_of_code[code] = len(graphs)
+            graphs.append(sg)
+        kind_of_step.append(index_of_code[code])
+    kinds = []
+    for i, sg in enumerate(graphs):
+        steps = [t for t, k in enumerate(kind_of_step) if k == i]
+        computed = tuple(n for n in plan.units if n not in sg.reused)
+        kinds.append(
+            StepKind(
+                index=i,
+                steps=steps,
+                computed=computed,
+                reused=tuple(n for n in plan.units if n in sg.reused),
+                flops=sg.flops,
+                reads=sg.reads,
+                writes=sg.writes,
+                nodes=sg.nodes,
+            )
+        )
+    return SolvedSteps(graphs=graphs, kind_of_step=kind_of_step, step_kinds=kinds)
