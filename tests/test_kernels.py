@@ -1,0 +1,494 @@
+"""fxcache.kernels: the Triton kernels against their PyTorch references, on CPU.
+
+The kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET when
+``@triton.jit`` decorates a kernel (when fxcache.kernels is first imported), not at
+launch, so the kernel tests need the variable set before Python starts
+(``TRITON_INTERPRET=1 pytest tests/test_kernels.py``; scripts/test.sh does it) and
+skip, saying so, otherwise. The CUDA path (registered op, fake-tensor tracing) and the
+no-triton install are checked in subprocesses, whose environment this file controls.
+"""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fxcache.kernels as K
+from fxcache.kernels import KernelArgumentError
+
+_ss_mod = importlib.import_module("fxcache.kernels.scale_shift")
+_gr_mod = importlib.import_module("fxcache.kernels.gated_residual")
+
+# Tolerances travel with the dtype. Kernel and reference both compute in fp32 and
+# round once, so the only differences are contraction into FMA on a GPU (fp32) and
+# the last rounding: Triton's interpreter truncates fp32 -> bf16 where the GPU and
+# PyTorch round to nearest, i.e. up to 1 bf16 ulp = 2**-8 relative (< rtol 1e-2).
+DTYPES = [
+    pytest.param(torch.float32, 1e-6, 1e-6, id="fp32"),
+    pytest.param(torch.float16, 1e-3, 1e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1e-2, 1e-2, id="bf16"),
+]
+
+# (shape, channel_dim). A program handles a tile of at most 1024 columns (channels
+# when channel-last, positions when channel-first) by up to 2048/columns rows, padded
+# to powers of two and masked: none of these sizes is a multiple of anything, and the
+# last two need several column tiles, the last one partial.
+SHAPES = [
+    pytest.param((2, 5, 7, 3), 1, id="nchw-2x5x7x3"),
+    pytest.param((2, 3, 20, 21), 1, id="nchw-2x3x20x21"),
+    pytest.param((2, 6, 11), 1, id="ncl-2x6x11"),
+    pytest.param((3, 17, 33), -1, id="bnc-3x17x33"),
+    pytest.param((1, 1, 5), -1, id="bnc-1x1x5"),
+    pytest.param((4, 9), -1, id="bc-4x9"),
+    pytest.param((1, 2, 33, 40), 1, id="nchw-1x2x33x40"),
+    pytest.param((2, 3, 1100), -1, id="bnc-2x3x1100"),
+]
+
+BCAST = ["BC", "1C", "C"]
+
+
+def _param(mode, B, C, dtype, gen):
+    shape = {"BC": (B, C), "1C": (1, C), "C": (C,)}[mode]
+    return (0.5 * torch.randn(shape, generator=gen)).to(dtype)
+
+
+def _channels(shape, channel_dim):
+    return shape[channel_dim]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _assert_close(got, want, atol, rtol):
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """Skip unless the kernels can run here: triton installed, loaded, interpreted."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
+    if not K.HAS_TRITON:
+        from fxcache.kernels._common import TRITON_UNAVAILABLE_REASON
+
+        pytest.skip(f"triton is installed but fxcache.kernels cannot use it: {TRITON_UNAVAILABLE_REASON}")
+    from fxcache.kernels._common import is_interpreted
+
+    if not (is_interpreted(_ss_mod._scale_shift_kernel) and is_interpreted(_gr_mod._gated_residual_kernel)):
+        pytest.skip(
+            "the Triton kernels were built for the GPU: TRITON_INTERPRET=1 must be set before "
+            "fxcache.kernels is imported (triton reads it at @triton.jit time); run "
+            "`TRITON_INTERPRET=1 pytest tests/test_kernels.py`"
+        )
+
+
+# --------------------------------------------------------------------------- kernel vs reference
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("mode", BCAST)
+@pytest.mark.parametrize("shape,channel_dim", SHAPES)
+def test_scale_shift_kernel_matches_reference(interpreter, shape, channel_dim, mode, dtype, atol, rtol):
+    g = _gen()
+    B, C = shape[0], _channels(shape, channel_dim)
+    cache = torch.randn(shape, generator=g).to(dtype)
+    scale = _param(mode, B, C, dtype, g)
+    shift = _param(BCAST[(BCAST.index(mode) + 1) % 3], B, C, dtype, g)  # mix the two modes
+    got = K.scale_shift_triton(cache, scale, shift, channel_dim)
+    _assert_close(got, K.scale_shift_reference(cache, scale, shift, channel_dim), atol, rtol)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("mode", BCAST)
+@pytest.mark.parametrize("shape,channel_dim", SHAPES)
+def test_gated_residual_kernel_matches_reference(interpreter, shape, channel_dim, mode, dtype, atol, rtol):
+    g = _gen(1)
+    B, C = shape[0], _channels(shape, channel_dim)
+    x = torch.randn(shape, generator=g).to(dtype)
+    cache = torch.randn(shape, generator=g).to(dtype)
+    gate = _param(mode, B, C, dtype, g)
+    got = K.gated_residual_triton(x, gate, cache, channel_dim)
+    _assert_close(got, K.gated_residual_reference(x, gate, cache, channel_dim), atol, rtol)
+
+
+def test_reference_is_the_unfused_expression():
+    """In fp32 the references are the eager expressions they replace, bit for bit."""
+    g = _gen(2)
+    cache, x = torch.randn(2, 5, 7, 3, generator=g), torch.randn(2, 5, 7, 3, generator=g)
+    scale, shift, gate = (torch.randn(2, 5, generator=g) for _ in range(3))
+    v = lambda p: p[:, :, None, None]  # noqa: E731
+    assert torch.equal(K.scale_shift_reference(cache, scale, shift, 1), cache * (1 + v(scale)) + v(shift))
+    assert torch.equal(K.gated_residual_reference(x, gate, cache, 1), x + v(gate) * cache)
+    seq, tok = torch.randn(2, 9, 5, generator=g), torch.randn(2, 9, 5, generator=g)
+    assert torch.equal(
+        K.scale_shift_reference(seq, scale, shift, -1), seq * (1 + scale[:, None]) + shift[:, None]
+    )
+    assert torch.equal(K.gated_residual_reference(seq, gate, tok, -1), seq + gate[:, None] * tok)
+
+
+def test_output_dtype_follows_type_promotion(interpreter):
+    """bf16 features with fp32 scale/gate give fp32, as the unfused expression does."""
+    g = _gen(3)
+    cache = torch.randn(2, 7, 6, generator=g).bfloat16()
+    scale, shift = torch.randn(2, 6, generator=g), torch.randn(6, generator=g).bfloat16()
+    want = K.scale_shift_reference(cache, scale, shift, -1)
+    assert want.dtype == (cache * (1 + scale[:, None]) + shift).dtype == torch.float32
+    _assert_close(K.scale_shift_triton(cache, scale, shift, -1), want, 1e-6, 1e-6)
+    x = torch.randn(2, 7, 6, generator=g).bfloat16()
+    got = K.gated_residual_triton(x, scale, cache, -1)
+    _assert_close(got, K.gated_residual_reference(x, scale, cache, -1), 1e-6, 1e-6)
+
+
+def test_channels_last_is_read_in_place(interpreter):
+    """NCHW in channels_last memory format runs the channel-last variant, keeps the format."""
+    g = _gen(4)
+    cache = torch.randn(2, 5, 7, 3, generator=g).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 5, 7, 3, generator=g).to(memory_format=torch.channels_last)
+    scale, shift = torch.randn(2, 5, generator=g), torch.randn(1, 5, generator=g)
+    got = K.scale_shift_triton(cache, scale, shift, 1)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    _assert_close(got, K.scale_shift_reference(cache, scale, shift, 1), 1e-6, 1e-6)
+    got = K.gated_residual_triton(x, scale, cache, 1)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    _assert_close(got, K.gated_residual_reference(x, scale, cache, 1), 1e-6, 1e-6)
+    # mixed formats: cache is brought to x's format
+    got = K.gated_residual_triton(x.contiguous(), scale, cache, 1)
+    _assert_close(got, K.gated_residual_reference(x.contiguous(), scale, cache, 1), 1e-6, 1e-6)
+
+
+def test_noncontiguous_inputs(interpreter):
+    """Strided features are copied to contiguous by the launcher; strided parameters
+    (adaLN's ``emb.chunk(k, dim=1)`` views, channel steps) are read through their strides.
+    Inputs are never modified."""
+    g = _gen(5)
+    B, N, C = 3, 11, 6
+    cache = torch.randn(B, C, N, generator=g).transpose(1, 2)  # (B, N, C), not contiguous
+    x = torch.randn(B, N, 2 * C, generator=g)[..., ::2]  # (B, N, C), channel step 2
+    emb = torch.randn(B, 3 * C, generator=g)
+    scale, shift, gate = emb.chunk(3, dim=1)  # (B, C) views with batch stride 3C
+    strided = torch.randn(1, 2 * C, generator=g)[:, ::2]  # (1, C), channel stride 2
+    assert not (cache.is_contiguous() or x.is_contiguous() or scale.is_contiguous() or strided.is_contiguous())
+    before = [t.clone() for t in (cache, x, emb, strided)]
+
+    for sc, sh in [(scale, shift), (strided, shift), (scale, strided)]:
+        got = K.scale_shift_triton(cache, sc, sh, -1)
+        _assert_close(got, K.scale_shift_reference(cache, sc, sh, -1), 1e-6, 1e-6)
+    for gt in (gate, strided):
+        got = K.gated_residual_triton(x, gt, cache, -1)
+        _assert_close(got, K.gated_residual_reference(x, gt, cache, -1), 1e-6, 1e-6)
+    # NCHW with a permuted (neither contiguous nor channels_last) feature map
+    nchw = torch.randn(2, 7, 5, 3, generator=g).permute(0, 2, 1, 3)  # (2, 5, 7, 3)
+    s2 = torch.randn(2, 5, generator=g)
+    _assert_close(K.scale_shift_triton(nchw, s2, s2, 1), K.scale_shift_reference(nchw, s2, s2, 1), 1e-6, 1e-6)
+    for t, b in zip((cache, x, emb, strided), before):
+        assert torch.equal(t, b)
+
+
+def test_empty_tensor(interpreter):
+    cache = torch.empty(0, 4, 3)
+    p = torch.empty(3)
+    assert K.scale_shift_triton(cache, p, p, -1).shape == (0, 4, 3)
+    assert K.gated_residual_triton(cache, p, cache, -1).shape == (0, 4, 3)
+
+
+# --------------------------------------------------------------------------- argument errors
+def _impls(name):
+    """The implementations of one op that must all refuse bad arguments the same way."""
+    ref = getattr(K, f"{name}_reference")
+    kernel = getattr(K, f"{name}_triton")
+    return [
+        pytest.param(ref, id="reference"),
+        pytest.param(getattr(K, name), id="dispatch"),
+        pytest.param(
+            kernel,
+            id="triton",
+            marks=pytest.mark.skipif(not K.HAS_TRITON, reason="triton is not available"),
+        ),
+    ]
+
+
+SCALE_SHIFT_ERRORS = [
+    pytest.param(
+        ((2, 5, 7, 3), (3, 5), (5,), 1),
+        "scale_shift: `scale` has shape (3, 5); expected (2, 5), (1, 5) or (5,)",
+        id="scale-batch",
+    ),
+    pytest.param(
+        ((2, 5, 7, 3), (2, 5), (6,), 1),
+        "scale_shift: `shift` has shape (6,); expected (2, 5), (1, 5) or (5,)",
+        id="shift-channels",
+    ),
+    pytest.param(
+        ((3, 17, 33), (3, 33, 1), (33,), -1),
+        "scale_shift: `scale` has shape (3, 33, 1); expected (3, 33), (1, 33) or (33,)",
+        id="scale-rank",
+    ),
+    pytest.param(
+        ((3, 17, 33), (3, 17), (33,), -1),
+        "scale_shift: `scale` has shape (3, 17); expected (3, 33), (1, 33) or (33,)",
+        id="wrong-channel-dim-for-params",
+    ),
+    pytest.param(((7,), (7,), (7,), -1), "scale_shift: `cache` has shape (7,); expected at least 2 dims", id="cache-1d"),
+    pytest.param(
+        ((2, 5, 7, 3), (2, 5), (5,), 2),
+        "scale_shift: channel_dim=2 is not supported for `cache` of shape (2, 5, 7, 3); use 1",
+        id="channel-dim",
+    ),
+]
+
+
+@pytest.mark.parametrize("fn", _impls("scale_shift"))
+@pytest.mark.parametrize("shapes,message", SCALE_SHIFT_ERRORS)
+def test_scale_shift_bad_arguments(fn, shapes, message):
+    cshape, sshape, hshape, channel_dim = shapes
+    with pytest.raises(KernelArgumentError, match=re.escape(message)) as info:
+        fn(torch.randn(cshape), torch.randn(sshape), torch.randn(hshape), channel_dim)
+    assert isinstance(info.value, ValueError)
+
+
+GATED_RESIDUAL_ERRORS = [
+    pytest.param(
+        ((2, 7, 5), (2, 5), (2, 7, 6), -1),
+        "gated_residual: `cache` has shape (2, 7, 6); expected (2, 7, 5), the shape of `x`",
+        id="cache-shape",
+    ),
+    pytest.param(
+        ((2, 7, 5), (2, 7), (2, 7, 5), -1),
+        "gated_residual: `gate` has shape (2, 7); expected (2, 5), (1, 5) or (5,)",
+        id="gate-channels",
+    ),
+    pytest.param(
+        ((2, 5, 4, 4), (4, 5), (2, 5, 4, 4), 1),
+        "gated_residual: `gate` has shape (4, 5); expected (2, 5), (1, 5) or (5,)",
+        id="gate-batch",
+    ),
+]
+
+
+@pytest.mark.parametrize("fn", _impls("gated_residual"))
+@pytest.mark.parametrize("shapes,message", GATED_RESIDUAL_ERRORS)
+def test_gated_residual_bad_arguments(fn, shapes, message):
+    xshape, gshape, cshape, channel_dim = shapes
+    with pytest.raises(KernelArgumentError, match=re.escape(message)):
+        fn(torch.randn(xshape), torch.randn(gshape), torch.randn(cshape), channel_dim)
+
+
+def test_kernel_refuses_unsupported_dtype():
+    pytest.importorskip("triton", reason="triton is not installed")
+    if not K.HAS_TRITON:
+        pytest.skip("triton is not available")
+    cache, p = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(4)
+    with pytest.raises(KernelArgumentError, match=re.escape("`cache` has dtype torch.float64")):
+        K.scale_shift_triton(cache, p, p, -1)
+    with pytest.raises(KernelArgumentError, match=re.escape("`gate` has dtype torch.float64")):
+        K.gated_residual_triton(cache.float(), p.double(), cache.float(), -1)
+    # the references (the CPU implementation) take any floating dtype
+    assert K.scale_shift(cache, p, p, -1).dtype == torch.float64
+
+
+# --------------------------------------------------------------------------- the CPU dispatch path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dispatch_on_cpu_is_the_reference(dtype):
+    g = _gen(6)
+    cache, x = torch.randn(2, 5, 7, 3, generator=g).to(dtype), torch.randn(2, 5, 7, 3, generator=g).to(dtype)
+    scale, shift = torch.randn(2, 5, generator=g).to(dtype), torch.randn(5, generator=g).to(dtype)
+    assert torch.equal(K.scale_shift(cache, scale, shift, 1), K.scale_shift_reference(cache, scale, shift, 1))
+    assert torch.equal(K.gated_residual(x, scale, cache, 1), K.gated_residual_reference(x, scale, cache, 1))
+
+
+def test_dispatch_compiles_fullgraph_on_cpu():
+    """What the graph rewrite relies on: the dispatch functions trace with no graph break."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def block(h, cache, emb):
+        shift, scale, gate = emb.chunk(3, dim=1)
+        y = K.scale_shift(cache, scale, shift, -1)
+        return K.gated_residual(h, gate, y, -1).relu()
+
+    g = _gen(7)
+    h, cache, emb = torch.randn(2, 9, 6, generator=g), torch.randn(2, 9, 6, generator=g), torch.randn(2, 18, generator=g)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    got = compiled(h, cache, emb)
+    assert counter.frame_count == 1  # one graph: fullgraph=True would have raised on a break
+    assert torch.equal(got, block(h, cache, emb))
+    calls = [n.target for gm in counter.graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any("fxcache" in str(t) for t in calls)  # reference arithmetic, not the triton op
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- subprocesses
+def _run(code, env_update, drop=()):
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(env_update)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_package_imports_without_triton():
+    out = _run(
+        """
+        import sys
+        sys.modules["triton"] = None  # as if triton were not installed
+        import torch
+        import fxcache.kernels as K
+        assert K.HAS_TRITON is False
+        assert not hasattr(torch.ops.fxcache, "scale_shift")
+        x, p = torch.randn(2, 3, 4), torch.randn(4)
+        assert torch.equal(K.scale_shift(x, p, p, -1), K.scale_shift_reference(x, p, p, -1))
+        assert torch.equal(K.gated_residual(x, p, x, -1), K.gated_residual_reference(x, p, x, -1))
+        for fn, args in [(K.scale_shift_triton, (x, p, p, -1)), (K.gated_residual_triton, (x, p, x, -1))]:
+            try:
+                fn(*args)
+            except RuntimeError as e:
+                assert "needs Triton" in str(e), e
+            else:
+                raise AssertionError("no RuntimeError")
+        print("ok")
+        """,
+        {},
+        drop=("TRITON_INTERPRET",),
+    )
+    assert out.strip() == "ok"
+
+
+_GPU_BUILD_SCRIPT = r"""
+import json, logging, traceback
+import torch
+import fxcache.kernels as K
+
+results = {}
+
+
+def check(name):
+    def run(fn):
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    return run
+
+
+@check("refuse_cpu")
+def _():
+    x = torch.randn(2, 3, 4)
+    try:
+        K.scale_shift_triton(x, x[:, 0], x[:, 0], -1)
+    except RuntimeError as e:
+        assert "TRITON_INTERPRET=1" in str(e), e
+    else:
+        raise AssertionError("CPU launch of a GPU kernel was not refused")
+
+
+@check("fake_cuda_trace")
+def _():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # no GPU driver: the mutation analysis of the kernel warns and assumes every arg mutated
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
+    with FakeTensorMode():
+        c = torch.empty(2, 5, 7, 3, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        s = torch.empty(2, 5, device="cuda", dtype=torch.bfloat16)
+        h = torch.empty(5, device="cuda", dtype=torch.float32)
+        t = torch.empty(2, 9, 5, device="cuda", dtype=torch.float16)
+        g = torch.empty(1, 5, device="cuda", dtype=torch.float16)
+        y = K.scale_shift(c, s, h, 1)
+        assert (y.shape, y.dtype, y.device.type) == ((2, 5, 7, 3), torch.float32, "cuda")
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        z = K.gated_residual(t, g, t, -1)
+        assert (z.shape, z.dtype) == ((2, 9, 5), torch.float16)
+
+    f = lambda c, s, h, t, g: (K.scale_shift(c, s, h, 1), K.gated_residual(t, g, t, -1))
+    gm = make_fx(f, tracing_mode="fake")(c, s, h, t, g)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == ["fxcache.scale_shift.default", "fxcache.gated_residual.default"], targets
+    # what AOTAutograd hands inductor: the op decomposed into its Triton kernel launch
+    gm = make_fx(dispatch_functionalize(f), tracing_mode="fake")(c, s, h, t, g)
+    calls = [n.kwargs["kwargs"] for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(calls) == 2, gm.code
+    # channels_last NCHW is read in place as (B*H*W, C); (B, N, C) as (B*N, C)
+    got = [(k["CHANNEL_LAST"], k["R"], k["K"], k["rows_per_sample"]) for k in calls]
+    assert got == [(True, 42, 5, 21), (True, 18, 5, 9)], got
+    # float64 (no kernel for it) stays on the reference arithmetic, on CUDA too
+    with FakeTensorMode():
+        d = torch.empty(2, 9, 5, device="cuda", dtype=torch.float64)
+        dg = torch.empty(5, device="cuda", dtype=torch.float64)
+    gm = make_fx(lambda t, g: K.gated_residual(t, g, t, -1), tracing_mode="fake")(d, dg)
+    assert not any("fxcache" in str(n.target) for n in gm.graph.nodes), gm.code
+
+
+@check("compile_sm90")
+def _():
+    import triton
+    import triton.backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in triton.backends.backends:
+        results["compile_sm90"] = "skip: triton has no nvidia backend here"
+        return
+    ss = __import__("fxcache.kernels.scale_shift", fromlist=["_"])._scale_shift_kernel
+    gr = __import__("fxcache.kernels.gated_residual", fromlist=["_"])._gated_residual_kernel
+    for kernel, ptrs in [(ss, ["*bf16", "*bf16", "*fp32", "*fp32"]), (gr, ["*fp16", "*fp16", "*fp16", "*fp16"])]:
+        names = kernel.arg_names
+        for channel_last, block_r, block_k in [(True, 2, 1024), (False, 256, 8)]:
+            const = {"CHANNEL_LAST": channel_last, "BLOCK_R": block_r, "BLOCK_K": block_k}
+            sig = {n: ptrs[i] if i < 4 else ("constexpr" if n in const else "i32") for i, n in enumerate(names)}
+            out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
+            assert "cubin" in out.asm, list(out.asm)
+
+
+print("RESULTS=" + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_build(tmp_path_factory):
+    """One subprocess with the kernels built for the GPU (no TRITON_INTERPRET), shared
+    by the tests below: on this GPU-less machine it checks the CUDA path as far as it
+    goes without running a kernel."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    if not K.HAS_TRITON:
+        pytest.skip("triton is not available to fxcache.kernels")
+    cache_dir = tmp_path_factory.mktemp("triton-cache")  # a real compile, not a cache hit
+    out = _run(_GPU_BUILD_SCRIPT, {"TRITON_CACHE_DIR": str(cache_dir)}, drop=("TRITON_INTERPRET",))
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULTS=")][-1]
+    return json.loads(line[len("RESULTS="):])
+
+
+def _expect(results, name):
+    r = results[name]
+    if r.startswith("skip: "):
+        pytest.skip(r[len("skip: "):])
+    assert r == "ok", r
+
+
+def test_launcher_refuses_cpu_tensors_without_interpreter(gpu_build):
+    """A GPU-built kernel given CPU tensors: a RuntimeError that says to set TRITON_INTERPRET=1."""
+    _expect(gpu_build, "refuse_cpu")
+
+
+def test_ops_trace_on_fake_cuda_tensors(gpu_build):
+    """The registered ops give the right output shape, dtype and memory format on fake CUDA
+    tensors, and decompose into one Triton launch each with the expected tiling (what
+    torch.compile does with them on a GPU)."""
+    _expect(gpu_build, "fake_cuda_trace")
+
+
+def test_kernels_compile_for_sm90(gpu_build):
+    """Both kernels, both layout variants, compile to a cubin for sm_90 (the interpreter
+    accepts programs the compiler would not)."""
+    _expect(gpu_build, "compile_sm90")
