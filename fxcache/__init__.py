@@ -1,1 +1,39 @@
-"""fxcache"""
+"""fxcache: feature caching for diffusion denoisers, as an FX compiler pass.
+
+    cached = fxcache.compile(model, fxcache.FORA(interval=3))
+
+The stages, in order: capture (``fxcache.capture``) → analyze (``fxcache.analyze``)
+→ schedule (``fxcache.schedules`` → ``fxcache.plan``) → rewrite (``fxcache.rewrite``)
+→ compile → run (``fxcache.runtime.CachedModel``).
+"""
+
+from .api import attach, compile, plan_for, units
+from .errors import CaptureError, CheckpointError, FxcacheError, UnitError, UnsupportedModelError
+from .plan import Plan, PlanError, UnitInfo
+from .runtime import CachedModel
+from .schedules import FORA, BlockCache, DeepCache, LearnedMask, Mask, ScheduleError, rectify
+
+__all__ = [
+    "compile",
+    "units",
+    "plan_for",
+    "attach",
+    "CachedModel",
+    "Plan",
+    "UnitInfo",
+    "Mask",
+    "DeepCache",
+    "FORA",
+    "BlockCache",
+    "LearnedMask",
+    "rectify",
+    "FxcacheError",
+    "CaptureError",
+    "UnsupportedModelError",
+    "UnitError",
+    "CheckpointError",
+    "PlanError",
+    "ScheduleError",
+]
+
+__version__ = "0.1.0"

@@ -67,7 +67,7 @@ class _Entry:
     solved: SolvedSteps
     runners: list
     timestep_index: int | None
-    buffer_specs: dict  # (unit, k) -> (shape, dtype, device)
+    buffer_specs: dict  # (unit, k) -> (shape, stride, dtype)
 
 
 @dataclass
@@ -184,6 +184,11 @@ class CachedModel(torch.nn.Module):
         plan = _lower_to_plan(self.schedule, units, self.options.num_steps)
         solved = solve_steps(captured.gm, [u for u in units if u.name in set(plan.units)], plan)
         plan._bind(solved.kind_of_step, solved.step_kinds)
+        if self.options.fuse:
+            from .rewrite.fuse import fuse_cache_reads
+
+            for g in solved.graphs:
+                g.fused = fuse_cache_reads(g.gm)
         from .rewrite.compile import compile_step_graphs
 
         runners, note = compile_step_graphs(solved.graphs, self.options, units)
@@ -195,7 +200,7 @@ class CachedModel(torch.nn.Module):
             for slot in g.buffers:
                 node_name = by_name[slot[0]].outputs[slot[1]]
                 val = next(n for n in captured.gm.graph.nodes if n.name == node_name).meta["val"]
-                specs[slot] = (tuple(val.shape), val.dtype, val.device)
+                specs[slot] = (tuple(val.shape), tuple(val.stride()), val.dtype)
         norm_args, norm_kwargs = args, kwargs
         entry = _Entry(
             captured=captured,
@@ -217,8 +222,10 @@ class CachedModel(torch.nn.Module):
         bufs = state.buffers.get(signature)
         if bufs is None:
             bufs = {}
-            for slot, (shape, dtype, _) in entry.buffer_specs.items():
-                bufs[slot] = torch.zeros(shape, dtype=dtype, device=device)
+            for slot, (shape, stride, dtype) in entry.buffer_specs.items():
+                # same strides as the value the model produces: kernels downstream of a
+                # cache read then see exactly the layout they see in the model
+                bufs[slot] = torch.zeros_like(torch.empty_strided(shape, stride, dtype=dtype, device=device))
                 if device.type == "cuda":
                     torch._dynamo.mark_static_address(bufs[slot])
             state.buffers[signature] = bufs

@@ -50,6 +50,7 @@ class StepGraph:
     flops: int
     nodes: int
     executed: frozenset = frozenset()  # original node names that run
+    fused: int = 0  # cache reads fused with their gate/scale-shift arithmetic
 
     def code_key(self) -> str:
         return self.gm.code

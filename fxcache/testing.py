@@ -1,0 +1,140 @@
+"""Tiny diffusers denoisers of every supported family, built from config dicts with
+random weights, and their example inputs. Used by the tests, the benchmarks and the
+documentation; never downloads anything.
+
+``tiny(family, batch=1, dtype=torch.float32, seed=0)`` returns a :class:`Tiny` with the
+model (eval mode), a function giving the call's ``(args, kwargs)`` for a timestep, and
+the timesteps of a short generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["FAMILIES", "Tiny", "tiny"]
+
+FAMILIES = ("unet2d", "sd", "sdxl", "dit", "pixart", "sd3", "flux")
+
+
+@dataclass
+class Tiny:
+    family: str
+    model: torch.nn.Module
+    inputs: Callable[[torch.Tensor], tuple[tuple, dict]]  # timestep -> (args, kwargs)
+    timesteps: list
+    unet: bool
+
+    def call(self, model, t):
+        args, kwargs = self.inputs(t)
+        return model(*args, **kwargs)
+
+    def output(self, out) -> torch.Tensor:
+        """The sample tensor of a model output (dataclass or tuple)."""
+        if isinstance(out, tuple):
+            return out[0]
+        return out.sample
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny(family: str, batch: int = 1, dtype: torch.dtype = torch.float32, seed: int = 0, size: int = 16) -> Tiny:
+    import diffusers
+
+    g = _gen(seed + 1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    torch.manual_seed(seed)
+    if family == "unet2d":
+        model = diffusers.UNet2DModel(
+            sample_size=size, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8, attention_head_dim=8,
+        )
+        x = randn(batch, 3, size, size)
+        inputs = lambda t: ((x, t), {})
+        ts, unet = [999, 749, 499, 249, 0], True
+    elif family in ("sd", "sdxl"):
+        extra = {}
+        if family == "sdxl":
+            extra = dict(
+                addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=32 + 6 * 8, transformer_layers_per_block=(1, 2),
+            )
+        model = diffusers.UNet2DConditionModel(
+            sample_size=size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, **extra,
+        )
+        x, enc = randn(batch, 4, size, size), randn(batch, 7, 32)
+        if family == "sdxl":
+            cond = {"text_embeds": randn(batch, 32), "time_ids": randn(batch, 6)}
+            inputs = lambda t: ((x, t), {"encoder_hidden_states": enc, "added_cond_kwargs": cond})
+        else:
+            inputs = lambda t: ((x, t, enc), {})
+        ts, unet = [999, 749, 499, 249, 0], True
+    elif family == "dit":
+        model = diffusers.DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=3,
+            sample_size=size // 2, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=2,
+        )
+        x = randn(batch, 4, size // 2, size // 2)
+        labels = torch.arange(batch) % 10
+        inputs = lambda t: ((x,), {"timestep": t.expand(batch) if t.ndim else t.repeat(batch), "class_labels": labels})
+        ts, unet = [999, 749, 499, 249, 0], False
+    elif family == "pixart":
+        model = diffusers.PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=3,
+            sample_size=size // 2, patch_size=2, cross_attention_dim=16, caption_channels=32,
+            norm_type="ada_norm_single", use_additional_conditions=False, num_embeds_ada_norm=1000,
+        )
+        x, enc = randn(batch, 4, size // 2, size // 2), randn(batch, 5, 32)
+        inputs = lambda t: (
+            (x,),
+            {"encoder_hidden_states": enc, "timestep": t.expand(batch) if t.ndim else t.repeat(batch),
+             "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}},
+        )
+        ts, unet = [999, 749, 499, 249, 0], False
+    elif family == "sd3":
+        model = diffusers.SD3Transformer2DModel(
+            sample_size=size // 2, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
+            out_channels=4, pos_embed_max_size=16,
+        )
+        x, enc, pooled = randn(batch, 4, size // 2, size // 2), randn(batch, 5, 32), randn(batch, 16)
+        inputs = lambda t: (
+            (x,),
+            {"encoder_hidden_states": enc, "pooled_projections": pooled,
+             "timestep": (t.expand(batch) if t.ndim else t.repeat(batch)).float()},
+        )
+        ts, unet = [1000.0, 750.0, 500.0, 250.0, 1.0], False
+    elif family == "flux":
+        model = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+        )
+        side = size // 4
+        n = side * side
+        x, enc, pooled = randn(batch, n, 16), randn(batch, 5, 32), randn(batch, 16)
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side).float(), torch.arange(side).float(), indexing="ij"), -1)
+        img_ids = img_ids.reshape(n, 3).to(dtype)
+        txt_ids = torch.zeros(5, 3, dtype=dtype)
+        inputs = lambda t: (
+            (x,),
+            {"encoder_hidden_states": enc, "pooled_projections": pooled,
+             "timestep": (t.expand(batch) if t.ndim else t.repeat(batch)).to(dtype),
+             "img_ids": img_ids, "txt_ids": txt_ids},
+        )
+        ts, unet = [1.0, 0.75, 0.5, 0.25, 0.01], False
+    else:
+        raise KeyError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    model = model.eval()
+    return Tiny(family, model, inputs, [torch.tensor(t) for t in ts], unet)
