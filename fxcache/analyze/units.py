@@ -289,3 +289,25 @@ def find_units(gm: fx.GraphModule) -> UnitSet:
     for node in nodes:
         node.meta["fxcache.units"] = [u.name for u in units if node.name in u.region]
     return UnitSet(units=units, full_flops=full_cost.total, skipped=skipped)
+
+
+_TEMB_MODULES = ("time_embedding", "time_text_embed", "adaln_single.emb", "transformer_blocks.0.norm1.emb")
+
+
+def temb_module(model: torch.nn.Module) -> str:
+    """Path of the module whose output is the conditioning embedding, shape (batch, dim):
+    the timestep embedding of U-Nets (``time_embedding``), SD3/Flux
+    (``time_text_embed``) and PixArt (``adaln_single.emb``), and DiT's timestep + class
+    embedding (``transformer_blocks.0.norm1.emb``; DiT recomputes the same value in
+    every block). Scale-shift adapters are linear maps from this embedding."""
+    for path in _TEMB_MODULES:
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            continue
+        return path
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has none of the timestep-embedding modules {_TEMB_MODULES}; "
+        f"scale-shift adapters need one: pass temb_module='path' naming the module whose output is "
+        f"the (batch, dim) conditioning embedding"
+    )
