@@ -58,12 +58,20 @@ def compile(
     max_shapes: int = 4,
     fuse: bool = True,
     options: dict | None = None,
+    freezing: bool | None = None,
+    segments: bool | str = "auto",
+    max_graphs: int = 8,
 ) -> CachedModel:
     """Return a drop-in replacement for ``model`` that follows ``schedule``.
 
     backend: ``"inductor"`` (default), any ``torch.compile`` backend, or ``None`` to
-    run the rewritten graphs eagerly. num_steps: required only by schedules that are
-    not periodic. max_shapes: input shapes whose graphs and buffers are kept.
+    run the rewritten graphs eagerly. mode/options: passed to ``torch.compile``.
+    freezing: inductor's weight freezing (default on for inductor; see
+    ``fxcache.rewrite.compile``). num_steps: required only by schedules that are not
+    periodic. max_shapes: input shapes whose graphs and buffers are kept. segments:
+    ``"auto"`` compiles per segment between unit boundaries when the plan has more
+    than ``max_graphs`` kinds of step; True/False force it. fuse: fuse cache reads
+    with the gate arithmetic around them.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
@@ -72,8 +80,11 @@ def compile(
     if max_shapes < 1:
         raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
     opts = CompileOptions(
-        backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options
+        backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
+        freezing=freezing, segments=segments, max_graphs=max_graphs,
     )
+    if segments not in (True, False, "auto"):
+        raise ValueError(f"segments must be True, False or 'auto', got {segments!r}")
     return CachedModel(model, schedule, opts)
 
 

@@ -53,8 +53,10 @@ class CompileOptions:
     num_steps: int | None = None
     max_shapes: int = 4
     fuse: bool = True
-    freezing: bool | None = None
+    freezing: bool | None = None  # inductor only; None means True (see rewrite/compile.py)
     options: dict | None = None
+    segments: bool | str = "auto"  # per-segment graphs when kinds of step > max_graphs
+    max_graphs: int = 8
 
 
 @dataclass
@@ -65,7 +67,7 @@ class _Entry:
     units: UnitSet
     plan: Plan
     solved: SolvedSteps
-    runners: list
+    programs: list  # per step kind: program(flat_inputs, buffers) -> flat outputs
     timestep_index: int | None
     buffer_specs: dict  # (unit, k) -> (shape, stride, dtype)
 
@@ -189,10 +191,14 @@ class CachedModel(torch.nn.Module):
 
             for g in solved.graphs:
                 g.fused = fuse_cache_reads(g.gm)
-        from .rewrite.compile import compile_step_graphs
+        from .rewrite.compile import build_programs
 
-        runners, note = compile_step_graphs(solved.graphs, self.options, units)
-        plan.compiled_graphs = len(runners) if self.options.backend is not None else 0
+        device = next((v.device for v in captured.gm.graph.find_nodes(op="placeholder")
+                       for v in [v.meta.get("val")] if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        programs, count, note = build_programs(
+            captured.gm, [u for u in units if u.name in set(plan.units)], solved, self.options, device
+        )
+        plan.compiled_graphs = count if self.options.backend is not None else 0
         plan.compile_note = note
         specs = {}
         by_name = units.by_name()
@@ -207,7 +213,7 @@ class CachedModel(torch.nn.Module):
             units=units,
             plan=plan,
             solved=solved,
-            runners=runners,
+            programs=programs,
             timestep_index=self._timestep_index(norm_args, norm_kwargs),
             buffer_specs=specs,
         )
@@ -255,9 +261,8 @@ class CachedModel(torch.nn.Module):
             state.step = 0
         step = state.step
         kind = plan.kind_of_step(step)
-        graph = entry.solved.graphs[kind]
         device = next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
         bufs = self._cache_buffers(state, signature, entry, device)
-        out = entry.runners[kind](*flat, *[bufs[s] for s in graph.buffers])
+        out = entry.programs[kind](flat, bufs)
         state.step = step + 1
         return pytree.tree_unflatten(list(out), entry.captured.out_spec)
