@@ -61,6 +61,7 @@ def compile(
     freezing: bool | None = None,
     segments: bool | str = "auto",
     max_graphs: int = 8,
+    scale_shift=None,
 ) -> CachedModel:
     """Return a drop-in replacement for ``model`` that follows ``schedule``.
 
@@ -71,7 +72,9 @@ def compile(
     periodic. max_shapes: input shapes whose graphs and buffers are kept. segments:
     ``"auto"`` compiles per segment between unit boundaries when the plan has more
     than ``max_graphs`` kinds of step; True/False force it. fuse: fuse cache reads
-    with the gate arithmetic around them.
+    with the gate arithmetic around them. scale_shift: trained
+    :class:`~fxcache.calibrate.scale_shift.ScaleShift` adapters (or their checkpoint
+    path) applied at cache reads; ``BlockCache(scale_shift=path)`` does the same.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
@@ -81,7 +84,7 @@ def compile(
         raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
     opts = CompileOptions(
         backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
-        freezing=freezing, segments=segments, max_graphs=max_graphs,
+        freezing=freezing, segments=segments, max_graphs=max_graphs, scale_shift=scale_shift,
     )
     if segments not in (True, False, "auto"):
         raise ValueError(f"segments must be True, False or 'auto', got {segments!r}")

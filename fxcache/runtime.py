@@ -37,7 +37,7 @@ import torch.utils._pytree as pytree
 
 from .analyze.units import UnitSet, find_units
 from .capture import Captured, capture, flatten_call, signature_of
-from .errors import UnitError
+from .errors import CheckpointError, UnitError
 from .plan import Plan
 from .rewrite.step_graphs import SolvedSteps, solve_steps
 
@@ -57,6 +57,7 @@ class CompileOptions:
     options: dict | None = None
     segments: bool | str = "auto"  # per-segment graphs when kinds of step > max_graphs
     max_graphs: int = 8
+    scale_shift: object = None  # ScaleShift adapters or a path to their checkpoint
 
 
 @dataclass
@@ -184,7 +185,8 @@ class CachedModel(torch.nn.Module):
         captured = capture(self.model, args, kwargs)
         units = find_units(captured.gm)
         plan = _lower_to_plan(self.schedule, units, self.options.num_steps)
-        solved = solve_steps(captured.gm, [u for u in units if u.name in set(plan.units)], plan)
+        adapters = self._adapters(captured, units, plan)
+        solved = solve_steps(captured.gm, [u for u in units if u.name in set(plan.units)], plan, adapters)
         plan._bind(solved.kind_of_step, solved.step_kinds)
         if self.options.fuse:
             from .rewrite.fuse import fuse_cache_reads
@@ -196,7 +198,7 @@ class CachedModel(torch.nn.Module):
         device = next((v.device for v in captured.gm.graph.find_nodes(op="placeholder")
                        for v in [v.meta.get("val")] if isinstance(v, torch.Tensor)), torch.device("cpu"))
         programs, count, note = build_programs(
-            captured.gm, [u for u in units if u.name in set(plan.units)], solved, self.options, device
+            captured.gm, [u for u in units if u.name in set(plan.units)], solved, self.options, device, adapters
         )
         plan.compiled_graphs = count if self.options.backend is not None else 0
         plan.compile_note = note
@@ -223,6 +225,29 @@ class CachedModel(torch.nn.Module):
             for state in self._states.values():
                 state.buffers.pop(old_sig, None)
         return entry
+
+    def _adapters(self, captured: Captured, units: UnitSet, plan: Plan):
+        """The scale-shift adapters (option ``scale_shift`` or ``BlockCache.scale_shift``),
+        checked against this model and plan, and the node of the timestep embedding."""
+        source = self.options.scale_shift or getattr(self.schedule, "scale_shift", None)
+        if source is None:
+            return None
+        from .analyze.units import temb_output
+        from .calibrate.scale_shift import ScaleShift
+
+        adapter = source if isinstance(source, ScaleShift) else ScaleShift.load(source)
+        by_name = units.by_name()
+        adapter.check_compatible(type(self.model).__name__, {u: by_name[u].out_shapes for u in by_name})
+        missing = [u for u in adapter.units if u not in plan.units]
+        if missing:
+            raise CheckpointError(
+                f"the scale-shift adapters cover units {missing} that this schedule does not cache "
+                f"(it caches {list(plan.units)}): train adapters for this schedule"
+            )
+        adapter = adapter.to(next(self.model.parameters()).device)
+        self.scale_shift_adapters = adapter
+        captured.gm.fxcache_scale_shift = adapter
+        return adapter, temb_output(captured.gm, adapter.temb_module)
 
     def _cache_buffers(self, state: _State, signature: tuple, entry: _Entry, device: torch.device) -> dict:
         bufs = state.buffers.get(signature)

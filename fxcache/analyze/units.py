@@ -311,3 +311,19 @@ def temb_module(model: torch.nn.Module) -> str:
         f"scale-shift adapters need one: pass temb_module='path' naming the module whose output is "
         f"the (batch, dim) conditioning embedding"
     )
+
+
+def temb_output(gm: fx.GraphModule, module: str) -> str:
+    """Name of the node holding the output of ``module`` (the last of its nodes that is
+    used outside it)."""
+    # the first call only (DiT calls block 0's embedding again before its final layer)
+    inside = [
+        n
+        for n in gm.graph.nodes
+        if any(p == module and not re.search(r"@\d+$", key) for key, (p, _) in (n.meta.get("nn_module_stack") or {}).items())
+    ]
+    names = {n.name for n in inside}
+    outs = [n for n in inside if any(u.name not in names for u in n.users)]
+    if not outs:
+        raise UnsupportedModelError(f"no value leaves module '{module}' in the captured graph; cannot read the embedding")
+    return outs[-1].name

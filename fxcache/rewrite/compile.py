@@ -64,7 +64,7 @@ def compile_graph(gm, options):
     return torch.compile(gm, **kwargs)
 
 
-def build_programs(gm, units, solved, options, device: torch.device):
+def build_programs(gm, units, solved, options, device: torch.device, adapters=None):
     """One callable ``program(flat_inputs, buffers) -> flat_outputs`` per step kind,
     the number of compiled graphs, and a note for ``plan.explain()``."""
     graphs = solved.graphs
@@ -79,7 +79,7 @@ def build_programs(gm, units, solved, options, device: torch.device):
             extra += " (CUDA graphs do not apply to CPU tensors: compiled without them)"
     use_segments = options.segments is True or (options.segments == "auto" and len(graphs) > options.max_graphs)
     if use_segments:
-        programs, segments = build_segments(gm, units, graphs)
+        programs, segments = build_segments(gm, units, graphs, adapters)
         if programs is not None:
             for seg in segments:
                 seg.runner = compile_graph(seg.gm, options)

@@ -50,7 +50,8 @@ class SegmentProgram:
     sources: dict  # segment index -> list of ("buf", slot) | ("env", name) | ("in", i)
     writes: list  # (slot, source)
     output: list  # sources of the flat outputs
-    placeholder_index: dict = field(default_factory=dict)
+    adapter: object = None  # ScaleShift applied at adapted cache reads
+    temb: str | None = None
 
     def __call__(self, flat: list, bufs: dict):
         env: dict = {}
@@ -61,6 +62,8 @@ class SegmentProgram:
                 return flat[key]
             if kind == "buf":
                 return bufs[key]
+            if kind == "adapt":
+                return self.adapter.apply(key[0], key[1], bufs[key], env[self.temb])
             return env[key]
 
         for i in self.order:
@@ -94,7 +97,7 @@ def _segment_gm(root: fx.GraphModule, nodes: list[fx.Node], inputs: list[str], o
     return fx.GraphModule(root, graph, class_name="Segment")
 
 
-def build_segments(gm: fx.GraphModule, units: list[Unit], graphs: list[StepGraph]):
+def build_segments(gm: fx.GraphModule, units: list[Unit], graphs: list[StepGraph], adapters=None):
     """Cut ``gm`` into segments and return one :class:`SegmentProgram` per step kind,
     or None when some kind cannot be expressed (then per-kind graphs are used)."""
     by_unit = {u.name: u for u in units}
@@ -123,7 +126,10 @@ def build_segments(gm: fx.GraphModule, units: list[Unit], graphs: list[StepGraph
         for n in run:
             seg_of[n.name] = i
     out_node = gm.graph.find_nodes(op="output")[0]
+    adapter, temb = adapters if adapters is not None else (None, None)
     write_values = {o for g in graphs for w in g.writes for o in by_unit[w].outputs}
+    if temb is not None:
+        write_values.add(temb)
     segments: list[Segment] = []
     for i, (key, run) in enumerate(runs):
         names = {n.name for n in run}
@@ -152,7 +158,7 @@ def build_segments(gm: fx.GraphModule, units: list[Unit], graphs: list[StepGraph
         def source(value: str, inside):
             r = resolver.resolve(value, inside)
             if r is not None:
-                return ("buf", r)
+                return ("adapt", r) if adapter is not None and adapter.has(*r) else ("buf", r)
             if value in placeholders:
                 return ("in", placeholders[value])
             if value not in available:
@@ -165,6 +171,9 @@ def build_segments(gm: fx.GraphModule, units: list[Unit], graphs: list[StepGraph
                 first = seg.nodes[0]
                 sources[i] = [source(v, lambda u, n=first: n in u.region) for v in seg.inputs]
                 available |= set(seg.outputs)
+            if temb is not None and any(src[0] == "adapt" for srcs in sources.values() for src in srcs):
+                if temb not in available:
+                    raise LookupError(temb)
             writes = []
             for w in g.writes:
                 u = by_unit[w]
@@ -178,5 +187,5 @@ def build_segments(gm: fx.GraphModule, units: list[Unit], graphs: list[StepGraph
             return None, segments
         if any(s[0] == "const" for s in output):
             return None, segments
-        programs.append(SegmentProgram(segments, order, sources, writes, output))
+        programs.append(SegmentProgram(segments, order, sources, writes, output, adapter, temb))
     return programs, segments

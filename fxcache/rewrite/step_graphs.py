@@ -30,6 +30,8 @@ import torch
 import torch.fx as fx
 
 from ..analyze.costs import graph_cost
+from ..errors import UnsupportedModelError
+from ..kernels import scale_shift as scale_shift_op
 from ..analyze.units import Unit
 from ..plan import Plan, PlanError, StepKind
 
@@ -76,7 +78,7 @@ class _Resolver:
         return None
 
 
-def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, writes: Iterable[str]):
+def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, writes: Iterable[str], roots=()):
     """Live original nodes, cache reads used, and the resolved value of every write."""
     by_name = {n.name: n for n in gm.graph.nodes}
     live: set[str] = set()
@@ -104,6 +106,10 @@ def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, w
     out = gm.graph.find_nodes(op="output")[0]
     for arg in out.all_input_nodes:
         need(arg.name, lambda v, n=out.name: n in v.region)
+    for name in roots:  # values an adapter reads (the timestep embedding): always computed
+        if name not in live:
+            live.add(name)
+            stack.append(by_name[name])
     while stack:
         node = stack.pop()
         for arg in node.all_input_nodes:
@@ -111,8 +117,16 @@ def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, w
     return live, reads, write_src
 
 
-def build_step_graph(gm: fx.GraphModule, units: list[Unit], reused: Iterable[str], writes: Iterable[str]) -> StepGraph:
-    """A copy of ``gm`` for one kind of step (a pass: graph in, graph out)."""
+def build_step_graph(
+    gm: fx.GraphModule, units: list[Unit], reused: Iterable[str], writes: Iterable[str], adapters=None
+) -> StepGraph:
+    """A copy of ``gm`` for one kind of step (a pass: graph in, graph out).
+
+    ``adapters``: optional ``(ScaleShift, temb_node_name)``; a read of cache slot
+    ``(unit, k)`` that the adapters cover becomes
+    ``scale_shift(cache, *linear(temb).chunk(2))`` (block caching's scale-shift
+    adjustment, one fused op). The adapter module must be reachable from ``gm`` as
+    attribute ``fxcache_scale_shift``."""
     reused = frozenset(reused)
     by_unit = {u.name: u for u in units}
     writes = tuple(w for w in (u.name for u in units) if w in set(writes))
@@ -120,7 +134,8 @@ def build_step_graph(gm: fx.GraphModule, units: list[Unit], reused: Iterable[str
         if w in reused:
             raise PlanError(f"unit '{w}' cannot be both reused and written at one step")
     resolver = _Resolver(units, reused)
-    live, reads, write_src = _liveness(gm, by_unit, resolver, writes)
+    adapter, temb = adapters if adapters is not None else (None, None)
+    live, reads, write_src = _liveness(gm, by_unit, resolver, writes, roots=(temb,) if adapter is not None else ())
 
     read_order = sorted(reads, key=lambda r: (by_unit[r[0]].order, r[1]))
     write_slots = [(w, k) for w in writes for k in range(len(by_unit[w].outputs))]
@@ -142,9 +157,39 @@ def build_step_graph(gm: fx.GraphModule, units: list[Unit], reused: Iterable[str
         node.meta["fxcache.buffer"] = slot
         buf_nodes[slot] = node
 
+    adapted: dict[tuple, fx.Node] = {}
+
+    def adapt(slot: tuple) -> fx.Node:
+        if slot not in adapted:
+            if temb not in env:
+                raise UnsupportedModelError(
+                    f"the cache of unit '{slot[0]}' is read before the timestep embedding '{temb}' is computed, "
+                    f"so its scale-shift adapter cannot be applied there"
+                )
+            key = adapter.key(*slot)
+            prefix = f"fxcache_scale_shift.linears.{key}"
+            buf = buf_nodes[slot]
+            weight = graph.get_attr(f"{prefix}.weight")
+            bias = graph.get_attr(f"{prefix}.bias")
+            t = graph.call_function(torch.ops.aten.to.dtype, (env[temb], adapter.linears[key].weight.dtype))
+            ss = graph.call_function(torch.ops.aten.linear.default, (t, weight, bias))
+            half = adapter.linears[key].out_features // 2
+            dtype = buf.meta["val"].dtype
+            scale = graph.call_function(torch.ops.aten.slice.Tensor, (ss, 1, 0, half))
+            shift = graph.call_function(torch.ops.aten.slice.Tensor, (ss, 1, half, 2 * half))
+            scale = graph.call_function(torch.ops.aten.to.dtype, (scale, dtype))
+            shift = graph.call_function(torch.ops.aten.to.dtype, (shift, dtype))
+            node = graph.call_function(scale_shift_op, (buf, scale, shift, adapter.channel_dim(*slot)))
+            node.meta["val"] = buf.meta["val"]
+            node.meta["fxcache.fused"] = "scale_shift"
+            adapted[slot] = node
+        return adapted[slot]
+
     def load(arg: fx.Node, user: str):
         r = resolver.resolve(arg.name, lambda v: user in v.region)
         if r is not None:
+            if adapter is not None and adapter.has(*r):
+                return adapt(r)
             return buf_nodes[r]
         return env[arg.name]
 
@@ -183,7 +228,7 @@ class SolvedSteps:
     step_kinds: list[StepKind] = field(default_factory=list)
 
 
-def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan) -> SolvedSteps:
+def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None) -> SolvedSteps:
     """Liveness across steps, then one graph per distinct step.
 
     Backwards from the last step: a computed unit writes its cache only if the value
@@ -204,7 +249,7 @@ def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan) -> SolvedStep
         writes = frozenset(n for n, c in zip(plan.units, row) if c and need[n])
         key = (reused, writes)
         if key not in cache:
-            cache[key] = build_step_graph(gm, plan_units, reused, writes)
+            cache[key] = build_step_graph(gm, plan_units, reused, writes, adapters)
         sg = cache[key]
         per_step[t] = key
         read_units = set(sg.reads)
