@@ -398,3 +398,37 @@ def test_dit_has_no_skip_branches_error():
 def test_not_a_module():
     with pytest.raises(TypeError, match="nn.Module"):
         fxcache.compile(lambda x: x, fxcache.FORA(interval=2))
+
+
+class _DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, timestep):
+        if x.sum() > 0:  # control flow on a tensor value: export cannot capture it
+            return self.lin(x)
+        return x
+
+
+def test_uncapturable_model_is_a_clear_error():
+    cm = fxcache.compile(_DataDependent(), fxcache.Mask([[True]], ["lin"]), backend=None)
+    with pytest.raises(fxcache.CaptureError, match=r"torch.export could not capture _DataDependent"):
+        cm(torch.randn(2, 4), torch.tensor(1))
+
+
+class _Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+
+    def forward(self, x, timestep):
+        b0, b1 = self.transformer_blocks
+        return b1(b0(b0(x)))
+
+
+def test_module_called_twice_is_not_a_unit():
+    us = fxcache.units(_Twice(), torch.randn(2, 4), torch.tensor(1))
+    names = [u.name for u in us]
+    assert "transformer_blocks.1" in names and "transformer_blocks.0" not in names
+    assert "called more than once" in us.skipped["transformer_blocks.0"]
