@@ -28,13 +28,20 @@ def _lower_to_plan(schedule, unitset: UnitSet, num_steps: int | None) -> Plan:
     if missing:
         raise UnitError(f"the schedule names units {missing} that this model does not have")
     _check_laminar([by_name[n] for n in mask.units])
-    return Plan(
+    plan = Plan(
         unitset.infos(list(mask.units)),
         mask.table,
         periodic=mask.periodic,
         full_flops=unitset.full_flops,
         schedule=schedule,
     )
+    skips = sorted((u for u in unitset if u.kind == "skip_branch"), key=lambda u: u.index)
+    if skips and any(by_name[n].kind == "skip_branch" for n in mask.units):
+        full = unitset.full_flops
+        plan.notes.append("partial step cost per DeepCache branch (FLOPs of a partial step / full step):")
+        for u in skips:
+            plan.notes.append(f"  branch {u.index}: {(full - u.flops) / full:6.1%}  ({u.name})")
+    return plan
 
 
 def _check_laminar(units) -> None:

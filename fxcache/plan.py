@@ -106,6 +106,7 @@ class Plan:
         self._kinds: list[StepKind] | None = None
         self.compiled_graphs: int | None = None
         self.compile_note: str = ""
+        self.notes: list[str] = []  # extra lines for explain(), e.g. DeepCache's branch costs
         self._validate()
 
     # ------------------------------------------------------------------ basics
@@ -269,6 +270,8 @@ class Plan:
             lines.append(f"      reuses: {_fmt_names(k.reused, self.units)}")
             if self.bound:
                 lines.append(f"      reads {len(k.reads)} slots, writes {len(k.writes)} slots")
+        for note in self.notes:
+            lines.append(f"  {note}")
         if self.compiled_graphs is not None:
             lines.append(f"  compiled graphs: {self.compiled_graphs}" + (f" ({self.compile_note})" if self.compile_note else ""))
         return "\n".join(lines)

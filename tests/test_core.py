@@ -432,3 +432,17 @@ def test_module_called_twice_is_not_a_unit():
     names = [u.name for u in us]
     assert "transformer_blocks.1" in names and "transformer_blocks.0" not in names
     assert "called more than once" in us.skipped["transformer_blocks.0"]
+
+
+def test_deepcache_explain_reports_every_branch_cost():
+    T = tiny("unet2d")
+    cm = fxcache.compile(T.model, fxcache.DeepCache(interval=3, branch=1), **EAGER)
+    with torch.no_grad():
+        for t in T.timesteps:
+            T.call(cm, t)
+    text = cm.plan.explain()
+    for m in range(4):
+        assert f"branch {m}:" in text
+    partial = cm.plan.step_kinds[cm.plan.kind_of_step(1)]
+    assert f"{partial.flops / cm.plan.full_flops:6.1%}" in text  # the executed partial step's own figure
+    assert cm.plan.ideal_speedup == pytest.approx(3 * cm.plan.full_flops / (cm.plan.full_flops + 2 * partial.flops))
