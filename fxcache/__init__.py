@@ -12,6 +12,7 @@ from .errors import CaptureError, CheckpointError, FxcacheError, UnitError, Unsu
 from .plan import Plan, PlanError, UnitInfo
 from .runtime import CachedModel
 from .schedules import FORA, BlockCache, DeepCache, LearnedMask, Mask, ScheduleError, rectify
+from .calibrate.scale_shift import ScaleShift, evaluate_scale_shift, train_scale_shift
 
 __all__ = [
     "compile",
@@ -27,6 +28,9 @@ __all__ = [
     "BlockCache",
     "LearnedMask",
     "rectify",
+    "ScaleShift",
+    "train_scale_shift",
+    "evaluate_scale_shift",
     "FxcacheError",
     "CaptureError",
     "UnsupportedModelError",
