@@ -1,0 +1,219 @@
+"""The profiler (block caching paper, Sec. 3.2, Eq. 6) on tiny random-weight models with a
+hand-written 5-step loop: shapes and documented NaN row, agreement with a direct
+computation from forward hooks on the eager model, persistence, plotting, and a
+BlockCache schedule built from the profile running end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fxcache
+from fxcache.calibrate.profile_data import Profile, ProfileError
+from fxcache.calibrate.profiler import ProfileRecorder, profile
+from fxcache.schedules import UnknownUnitError
+from fxcache.testing import tiny
+
+STEPS = [999, 749, 499, 249, 0]
+SEEDS = (0, 1)
+
+
+def _dit_run(m, seed):
+    """A 5-step loop: the call pattern of a sampler, not a real one."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    labels = torch.tensor([1, 7])
+    for t in STEPS:
+        eps = m(x, timestep=torch.tensor([t, t]), class_labels=labels).sample
+        x = x - 0.2 * eps
+    return x
+
+
+def _unet_run(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, 16, 16, generator=g)
+    for t in STEPS:
+        eps = m(x, torch.tensor(t)).sample
+        x = x - 0.2 * eps
+    return x
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models: two intra-op threads on two shared, busy cores are 10x slower than one
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return tiny("dit")
+
+
+@pytest.fixture(scope="module")
+def dit_profile(dit):
+    return profile(dit.model, _dit_run, seeds=SEEDS, progress=False)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny("unet2d")
+
+
+@pytest.fixture(scope="module")
+def unet_profile(unet):
+    return profile(unet.model, _unet_run, seeds=SEEDS, progress=False)
+
+
+def _hook_l1rel(model, run, module_path, residual, seeds=SEEDS):
+    """Eq. 6 computed directly: a forward hook on the eager module records C(t) = output
+    (minus the module's first input when ``residual``), per step; mean over seeds."""
+    module = model.get_submodule(module_path)
+    per_seed_l1, per_seed_cos = [], []
+    for seed in seeds:
+        values = []
+
+        def hook(mod, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            values.append((out - x if residual else out).detach().clone())
+
+        h = module.register_forward_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                run(model, seed)
+        finally:
+            h.remove()
+        l1 = [math.nan] + [
+            float((values[t] - values[t - 1]).abs().sum() / values[t].abs().sum()) for t in range(1, len(values))
+        ]
+        cos = [math.nan] + [
+            float(torch.nn.functional.cosine_similarity(values[t].flatten(), values[t - 1].flatten(), dim=0))
+            for t in range(1, len(values))
+        ]
+        per_seed_l1.append(l1)
+        per_seed_cos.append(cos)
+    return np.mean(per_seed_l1, axis=0), np.mean(per_seed_cos, axis=0)
+
+
+# ------------------------------------------------------------------------------- DiT
+def test_dit_profile_shapes_and_row0(dit, dit_profile):
+    p = dit_profile
+    args, kwargs = dit.inputs(dit.timesteps[0])
+    units = fxcache.units(dit.model, *args, **kwargs)
+    expected = tuple(u.name for u in units if u.kind != "skip_branch")
+    assert p.units == expected and len(p.units) == 9  # 3 blocks x (block, attn1, ff)
+    assert p.l1rel.shape == p.cosine.shape == p.l1rel_std.shape == (len(STEPS), 9)
+    # row 0 has no previous step: NaN, as documented
+    assert np.isnan(p.l1rel[0]).all() and np.isnan(p.cosine[0]).all()
+    assert np.isfinite(p.l1rel[1:]).all() and (p.l1rel[1:] > 0).all()
+    assert (np.abs(p.cosine[1:]) <= 1).all()
+    assert (p.l1rel_std[1:] >= 0).all()
+    np.testing.assert_array_equal(p.timesteps, STEPS)
+    assert p.meta["seeds"] == list(SEEDS) and p.meta["model_class"] == "DiTTransformer2DModel"
+    assert p.meta["num_steps"] == len(STEPS)
+    # blocks are measured as output - input, sublayers as their output
+    assert p.meta["residual"]["transformer_blocks.1"] == ["add_7"]  # block 0's output
+    assert p.meta["residual"]["transformer_blocks.1.attn1"] == [None]
+
+
+@pytest.mark.parametrize(
+    "unit, residual",
+    [("transformer_blocks.1", True), ("transformer_blocks.2.attn1", False), ("transformer_blocks.0.ff", False)],
+)
+def test_dit_matches_hooks_on_eager_model(dit, dit_profile, unit, residual):
+    l1, cos = _hook_l1rel(dit.model, _dit_run, unit, residual)
+    col = dit_profile.index(unit)
+    # graph vs eager differ by fp32 round-off only
+    np.testing.assert_allclose(dit_profile.l1rel[:, col], l1, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dit_profile.cosine[:, col], cos, rtol=1e-5, atol=1e-6)
+
+
+def test_std_over_seeds(dit, dit_profile):
+    col = dit_profile.index("transformer_blocks.1")
+    per_seed = [_hook_l1rel(dit.model, _dit_run, "transformer_blocks.1", True, seeds=(s,))[0] for s in SEEDS]
+    np.testing.assert_allclose(dit_profile.l1rel_std[1:, col], np.std(per_seed, axis=0)[1:], rtol=1e-3, atol=1e-6)
+
+
+def test_recorder_is_a_drop_in(dit):
+    ref = _dit_run(dit.model, 3)
+    rec = ProfileRecorder(dit.model, units="transformer_block")
+    out = _dit_run(rec, 3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert rec.config is dit.model.config  # attributes answer as on the model
+    assert rec.unit_names == ("transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2")
+
+
+def test_unit_selection_and_errors(dit):
+    example = dit.inputs(dit.timesteps[0])
+    calls = []
+    with pytest.raises(UnknownUnitError, match="resnet"):  # fails at the example, before any run
+        profile(dit.model, lambda m, s: calls.append(s), units="resnet", example=example, progress=False)
+    assert calls == []
+    with pytest.raises(ProfileError, match="never called"):
+        profile(dit.model, lambda m, s: None, progress=False)
+
+    def uneven(m, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        for t in STEPS[: 3 + seed]:
+            m(x, timestep=torch.tensor([t, t]), class_labels=torch.tensor([0, 1]))
+
+    with pytest.raises(ProfileError, match="same number of steps"):
+        profile(dit.model, uneven, units="attention", seeds=(0, 1), progress=False)
+
+
+def test_save_load_and_plot(dit_profile, tmp_path):
+    path = dit_profile.save(tmp_path / "p.safetensors")
+    back = Profile.load(path)
+    assert back == dit_profile
+    assert back.meta["residual"] == dit_profile.meta["residual"]
+    png = tmp_path / "profile.png"
+    dit_profile.plot(png)
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_block_cache_from_profile_runs(dit, dit_profile):
+    # delta between the smallest and largest per-step change: some reuse, some recompute
+    attn = dit_profile.select([u for u in dit_profile.units if u.endswith("attn1")])
+    delta = float(np.nanmax(attn.l1rel)) * 1.5
+    schedule = fxcache.BlockCache(threshold=delta, profile=dit_profile, units="attention")
+    cm = fxcache.compile(dit.model, schedule, backend=None)
+    cached = _dit_run(cm, 0)
+    full = _dit_run(dit.model, 0)
+    table = np.array(cm.plan.table)
+    assert table.shape == (len(STEPS), 3) and table[0].all() and not table.all()
+    assert cm.plan.planned_flops < cm.plan.full_flops * len(STEPS)
+    assert torch.isfinite(cached).all()
+    # lossy on purpose: the attention outputs of skipped steps are stale
+    assert (cached - full).abs().max() > 0
+
+
+# ---------------------------------------------------------------------------- U-Net
+def test_unet_profile(unet, unet_profile):
+    p = unet_profile
+    assert not any(u.startswith("skip_branch") for u in p.units)
+    assert "down_blocks.0.resnets.0" in p.units and "up_blocks.1" in p.units
+    assert p.l1rel.shape == (len(STEPS), len(p.units))
+    assert np.isnan(p.l1rel[0]).all() and np.isfinite(p.l1rel[1:]).all()
+    res = p.meta["residual"]
+    assert res["down_blocks.0.resnets.0"] != [None]  # output - input
+    assert res["mid_block.attentions.0"] != [None]  # U-Net attention module adds its input
+    assert res["up_blocks.0.resnets.0"] == [None]  # input has the skip concatenated: no residual form
+    assert res["up_blocks.1"] == [None] and res["down_blocks.0"] == [None, None]  # blocks: raw outputs
+    assert p.meta["kinds"]["mid_block.attentions.0"] == "attention"
+
+
+@pytest.mark.parametrize(
+    "unit, residual",
+    [("down_blocks.0.resnets.0", True), ("mid_block.attentions.0", True), ("up_blocks.0.resnets.0", False)],
+)
+def test_unet_matches_hooks_on_eager_model(unet, unet_profile, unit, residual):
+    l1, cos = _hook_l1rel(unet.model, _unet_run, unit, residual)
+    col = unet_profile.index(unit)
+    np.testing.assert_allclose(unet_profile.l1rel[:, col], l1, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(unet_profile.cosine[:, col], cos, rtol=1e-5, atol=1e-6)
