@@ -1,0 +1,460 @@
+"""Timestep-aware block masking (timestep-aware-block-masking.txt; DESIGN.md §4): learn
+``m[t, b] ∈ {0, 1}`` (1: compute block b at step t and refresh its cache; 0: reuse the
+cache) one timestep at a time, with the model frozen::
+
+    mask = learn_mask(model, lambda m, s: generate(m, num_steps=20, num_samples=4, seed=s),
+                      LearnedMask(lambda_sparsity=3e-3, lambda_bimodal=1e-3, iters=100))
+    cached = fxcache.compile(model, mask)
+
+1. **Teacher run.** ``run(m, config.seed)`` generates once with the full model (or a list
+   of per-step ``(args, kwargs)`` is given); a wrapper records every step's model inputs.
+   A no-grad pass per step then gives the relative change of the *feature* from the
+   previous step, ``r_t = |F(t) - F(t-1)|_1 / |F(t)|_1`` (Eq. 9). ``F`` is the output of the final
+   block: the selected unit whose output comes last in the graph (``feature="output"``:
+   the model's output instead).
+2. **Per timestep** ``t = 1 .. T-1``, independently (step 0 computes everything): the
+   teacher is evaluated at step t's recorded input to get the target ``F(t)`` and every
+   block's output (which becomes the cache of step t+1); the cache of step t holds the
+   block outputs of the teacher at step t-1. A relaxed mask ``α = sigmoid(θ)`` (θ
+   initialised to ``logit(0.9)``) is trained with Adam on θ only: each iteration samples
+   ``m ~ Bernoulli(α)`` and uses the straight-through estimator ``m + α - sg(α)``
+   (forward: the sample, backward: identity to α), and forward hooks on the blocks'
+   modules return ``m_b · computed_b + (1 - m_b) · cache_b``. The loss (Eq. 11) is ::
+
+       L_t = |F_masked - F|^2 / |F|^2   +   w_t · (λ1 Σ_b α_b + λ2 Σ_b α_b (1 - α_b))
+
+   (relative squared error, so λ1, λ2 mean the same for any feature scale).
+   Near α = 1 the regulariser's slope is ``λ1 + λ2 (1 - 2α) ≈ λ1 - λ2`` and the feature
+   term only ever rewards computing, so **with λ1 <= λ2 nothing is ever reused**: pick
+   λ1 > λ2 (the trained digit DiT, 10 steps: λ1 = 3e-3, λ2 = 1e-3 computes half the
+   blocks).
+3. **Timestep-aware weights** (Sec. 3.4; the paper's piecewise Eq. 10 is lost in the
+   copy, this is a smooth stand-in with the same intent): with ``r̄`` the mean of ``r_t``
+   over t >= 1, ``w̃_t = clip(r̄ / r_t, 1/4, 4)`` and ``w_t = w̃_t / mean_{s>=1} w̃_s``:
+   small regularisation where the feature changes a lot (fidelity first), large where it
+   changes little (reuse aggressively); mean 1 over the trained steps. ``r_t = 0`` gives
+   the upper clip, NaN the lower. ``loss_scaling=False``: ``w_t = 1``.
+4. ``m[t] = α_t > threshold``, ``m[0] = 1``, then rectification (Sec. 3.5) when
+   ``config.rectify``: the paper's chain rule (:func:`fxcache.schedules.rectify`) when the
+   blocks form a chain (each block's output is read only by the next one, as transformer
+   blocks); otherwise that rule would drop values a skip connection reads, so cells are
+   cleared by the compiler's own cross-step liveness instead (a computed unit whose value
+   no one at this step or later reads). Either way the compiled model is unchanged: the
+   rewrite's liveness already skips those blocks; rectification makes the mask say so.
+
+Memory: one step's graph at a time. Teacher values are computed under ``no_grad``, the
+loss history holds floats, and of the block outputs only those of steps t-1 (the
+caches) and t (the next step's caches) are kept; the inputs of every step are kept.
+
+The model's parameters get ``requires_grad_(False)`` during training; their flags and
+the model's train/eval mode are restored afterwards.
+
+``learn_mask`` returns the :class:`~fxcache.schedules.Mask`;
+``learn_mask_details`` (same arguments) returns a :class:`MaskLearningResult` with the
+mask, the α table, the loss histories, ``r_t`` and ``w_t``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+from ..analyze.units import Unit, UnitSet, find_units
+from ..capture import capture
+from ..errors import UnitError
+from ..schedules import LearnedMask, Mask, ScheduleError, rectify, select_units
+
+__all__ = ["learn_mask", "learn_mask_details", "MaskLearningResult", "timestep_weights", "INIT_ALPHA"]
+
+#: α at the start of every timestep's optimisation ("init near 1": compute everything).
+INIT_ALPHA = 0.9
+_CLIP = 4.0
+
+
+@dataclass
+class MaskLearningResult:
+    """Everything :func:`learn_mask_details` learned.
+
+    mask:         the final :class:`Mask` (thresholded, step 0 all ones, rectified if asked).
+    unrectified:  the thresholded mask before rectification.
+    alpha:        ``[T, B]`` final α per step and block (row 0: ones, not trained).
+    loss:         ``[T, iters]`` total loss per iteration (row 0 NaN).
+    feature_loss: ``[T, iters]`` the feature term alone (row 0 NaN).
+    change:       ``[T]`` r_t, relative change of the teacher's feature (r_0 NaN).
+    weights:      ``[T]`` w_t (w_0 = 0: step 0 is not trained).
+    units:        block names, columns of the tables.
+    feature:      the unit whose output is the feature, or ``"output"``.
+    rectified_by: ``"chain"`` (the paper's rule), ``"liveness"``, or None.
+    """
+
+    mask: Mask
+    unrectified: Mask
+    alpha: np.ndarray
+    loss: np.ndarray
+    feature_loss: np.ndarray
+    change: np.ndarray
+    weights: np.ndarray
+    units: tuple[str, ...]
+    feature: str
+    rectified_by: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def timestep_weights(change: Sequence[float]) -> np.ndarray:
+    """``w_t`` from the feature changes ``r_t`` (``change[0]`` ignored; see module doc)."""
+    r = np.asarray(change, dtype=np.float64)
+    w = np.zeros_like(r)
+    if len(r) < 2:
+        return w
+    rs = r[1:]
+    finite = rs[np.isfinite(rs)]
+    mean = float(finite.mean()) if finite.size else math.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = np.where(np.isfinite(rs), mean / rs, 0.0)
+    raw = np.where(np.isnan(raw), 1.0 / _CLIP, raw)  # 0/0: no change anywhere
+    raw = np.clip(raw, 1.0 / _CLIP, _CLIP)
+    w[1:] = raw / raw.mean()
+    return w
+
+
+# ------------------------------------------------------------------------ hook machinery
+def _clone(tree):
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+class _Stop(Exception):
+    """Raised by the feature hook to skip the rest of the forward pass."""
+
+
+class _Hooks:
+    """Forward hooks on the blocks' modules: record outputs, mix with caches, grab F."""
+
+    def __init__(self, model: torch.nn.Module, units: list[Unit], feature: str):
+        self.modules = []
+        for u in units:
+            if u.module is None:
+                raise UnitError(
+                    f"unit '{u.name}' has no module whose forward returns its value; mask learning puts forward "
+                    f"hooks on modules: choose module units (LearnedMask.units)"
+                )
+            self.modules.append(model.get_submodule(u.module))
+        self.feature_index = None if feature == "output" else [u.name for u in units].index(feature)
+        self.mode = "off"
+        self.record: list = [None] * len(units)
+        self.mix: torch.Tensor | None = None
+        self.cache: list | None = None
+        self.feature: torch.Tensor | None = None
+        self.stop = True
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+
+    def _hook(self, i: int):
+        def hook(module, args, out):
+            if self.mode == "off":
+                return None
+            if self.mode == "feature":
+                value = out
+            elif self.mode == "teacher":
+                self.record[i] = _clone(out)
+                value = out
+            else:  # "mix"
+                m = self.mix[i]
+                value = pytree.tree_map(
+                    lambda c, k: m.to(c.dtype) * c + (1 - m).to(c.dtype) * k if isinstance(c, torch.Tensor) else c,
+                    out,
+                    self.cache[i],
+                )
+            if i == self.feature_index:
+                self.feature = _tensors(value)
+                if self.stop:
+                    raise _Stop
+            return value
+
+        return hook
+
+    def run(self, model, args, kwargs, output_fn):
+        self.feature = None
+        try:
+            out = model(*args, **kwargs)
+        except _Stop:
+            return self.feature
+        if self.feature_index is None:
+            return _tensors(output_fn(out))
+        if self.feature is None:
+            raise UnitError("the feature block's module did not run in the forward pass")
+        return self.feature
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _first_output(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    return sample if sample is not None else _tensors(out)
+
+
+def _rel_change(cur: list[torch.Tensor], prev: list[torch.Tensor]) -> float:
+    num = sum(float((a.double() - b.double()).abs().sum()) for a, b in zip(cur, prev))
+    den = sum(float(a.double().abs().sum()) for a in cur)
+    if den == 0:
+        return 0.0 if num == 0 else math.nan
+    return num / den
+
+
+def _rel_mse(feat: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
+    num = sum(((a.float() - b.float()) ** 2).sum() for a, b in zip(feat, target))
+    den = sum((b.float() ** 2).sum() for b in target)
+    return num / den.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class _InputRecorder(torch.nn.Module):
+    """Drop-in used for the teacher run: the full model, recording each call's inputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.calls: list = []
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self._modules.get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((_clone(tuple(args)), _clone(dict(kwargs))))
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _is_chain(gm, units: list[Unit]) -> bool:
+    """Each unit's outputs are used only inside the next unit (data-flow order)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for a, b in zip(units, units[1:]):
+        for o in a.outputs:
+            if any(user.name not in b.region for user in by_name[o].users):
+                return False
+    return True
+
+
+def _liveness_rectify(gm, unitset: UnitSet, units: list[Unit], mask: Mask) -> Mask:
+    """Clear cells whose unit the rewrite would not run (its value is read by no one at
+    this step or later): the compiler's rectification, for any graph shape."""
+    from ..api import _lower_to_plan
+    from ..rewrite.step_graphs import solve_steps
+
+    plan = _lower_to_plan(mask, unitset, None)
+    solved = solve_steps(gm, units, plan)
+    table = [list(r) for r in mask.table]
+    by_name = {u.name: u for u in units}
+    for t in range(1, len(table)):
+        graph = solved.graphs[solved.kind_of_step[t]]
+        for b, name in enumerate(mask.units):
+            u = by_name[name]
+            if table[t][b] and name not in graph.writes and not any(o in graph.executed for o in u.outputs):
+                table[t][b] = False
+    return Mask(tuple(tuple(r) for r in table), mask.units, periodic=mask.periodic)
+
+
+def _teacher_inputs(model, run_or_inputs, seed) -> list:
+    """Per-step ``(args, kwargs)`` of the teacher's generation."""
+    if callable(run_or_inputs):
+        rec = _InputRecorder(model)
+        run_or_inputs(rec, seed)
+        calls = rec.calls
+    else:
+        try:
+            calls = list(run_or_inputs)
+        except TypeError:
+            raise ScheduleError(
+                f"learn_mask(run_or_inputs=...) must be run(model, seed) or a sequence of per-step (args, kwargs); "
+                f"got {type(run_or_inputs).__name__}"
+            ) from None
+        for item in calls:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], dict)):
+                raise ScheduleError(
+                    "learn_mask(run_or_inputs=[...]) entries must be (args, kwargs) pairs, one per step"
+                )
+        calls = [(tuple(a), dict(k)) for a, k in calls]
+        if not calls:
+            raise ScheduleError("learn_mask(run_or_inputs=[]) is empty; give one (args, kwargs) per step")
+    if not calls:
+        raise ScheduleError("the teacher run never called the model; run(model, seed) must call it once per step")
+    return calls
+
+
+# ---------------------------------------------------------------------------- the verb
+def learn_mask_details(
+    model: torch.nn.Module,
+    run_or_inputs: Callable[[torch.nn.Module, int], Any] | Sequence[tuple[tuple, dict]],
+    config: LearnedMask | None = None,
+    *,
+    feature: str = "final_block",
+    progress: bool = True,
+) -> MaskLearningResult:
+    """Learn a timestep-aware block mask; returns the mask and what was learned.
+
+    run_or_inputs: ``run(m, seed)`` performing one generation with ``m`` in place of the
+                   model, one ``m(...)`` call per denoising step (called once, with
+                   ``config.seed``); or the per-step ``(args, kwargs)`` of the model calls.
+    config:        :class:`~fxcache.schedules.LearnedMask` (default ``LearnedMask()``);
+                   ``config.units`` picks the blocks (a kind such as
+                   ``"transformer_block"``, ``"resnet"``, ``"up_block"``, or names).
+    feature:       ``"final_block"`` (default): the loss compares the output of the last
+                   block; ``"output"``: the model's output (``.sample`` / element 0).
+    progress:      a tqdm progress bar over the timesteps.
+    """
+    config = LearnedMask() if config is None else config
+    if not isinstance(config, LearnedMask):
+        raise ScheduleError(f"learn_mask(config=...) must be a LearnedMask; got {type(config).__name__}")
+    if feature not in ("final_block", "output"):
+        raise ScheduleError(f"learn_mask(feature={feature!r}) is not allowed; allowed: 'final_block', 'output'")
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    modes = {m: m.training for m in model.modules()}
+    hooks = None
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        calls = _teacher_inputs(model, run_or_inputs, config.seed)
+        captured = capture(model, *calls[0])
+        unitset = find_units(captured.gm)
+        infos = select_units(unitset.infos(), config.units, what="LearnedMask.units")
+        if not infos:
+            raise ScheduleError(f"LearnedMask.units = {config.units!r} selects no unit of {type(model).__name__}")
+        position = {n.name: i for i, n in enumerate(captured.gm.graph.nodes)}
+        by_name = unitset.by_name()
+        # data-flow order; of units returning the same value the outermost comes last (its hook runs last)
+        units = sorted((by_name[i.name] for i in infos), key=lambda u: (position[u.outputs[-1]], len(u.region)))
+        feature_name = units[-1].name if feature == "final_block" else "output"
+        output_fn = _first_output
+        hooks = _Hooks(model, units, feature_name)
+
+        # r_t of the teacher's feature: one no-grad pass per step, keeping only the previous feature
+        change, prev = [], None
+        hooks.mode, hooks.stop = "feature", True
+        with torch.no_grad():
+            for args, kwargs in calls:
+                feat = [f.detach().clone() for f in hooks.run(model, args, kwargs, output_fn)]
+                change.append(math.nan if prev is None else _rel_change(feat, prev))
+                prev = feat
+        hooks.mode, prev = "off", None
+        T, B = len(calls), len(units)
+        if config.num_steps is not None and config.num_steps != T:
+            raise ScheduleError(
+                f"LearnedMask.num_steps = {config.num_steps} but the teacher run called the model {T} times; "
+                f"set num_steps to {T} (or None)"
+            )
+        change = np.array(change, dtype=np.float64)
+        weights = timestep_weights(change) if config.loss_scaling else np.r_[0.0, np.ones(T - 1)]
+        alpha = np.ones((T, B))
+        loss_hist = np.full((T, config.iters), np.nan)
+        feat_hist = np.full((T, config.iters), np.nan)
+        device = params[0].device if params else torch.device("cpu")
+        init = math.log(INIT_ALPHA / (1 - INIT_ALPHA))
+
+        from tqdm.auto import tqdm
+
+        prev_blocks = None
+        bar = tqdm(range(T), desc="learn_mask", unit="step", disable=not progress)
+        for t in bar:
+            args, kwargs = calls[t]
+            # teacher at step t: the target feature, and the block outputs step t+1 reuses
+            hooks.mode, hooks.stop = "teacher", True
+            with torch.no_grad():
+                target = [f.detach() for f in hooks.run(model, args, kwargs, output_fn)]
+            hooks.mode = "off"
+            blocks, hooks.record = list(hooks.record), [None] * B
+            if t == 0:
+                prev_blocks = blocks
+                continue
+            theta = torch.full((B,), init, device=device, dtype=torch.float32, requires_grad=True)
+            opt = torch.optim.Adam([theta], lr=config.lr)
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + t)
+            hooks.cache, hooks.mode, hooks.stop = prev_blocks, "mix", True
+            w = float(weights[t])
+            with torch.enable_grad():
+                for it in range(config.iters):
+                    a = torch.sigmoid(theta)
+                    sample = (torch.rand(B, generator=gen).to(device) < a.detach()).to(a.dtype)
+                    hooks.mix = sample + a - a.detach()
+                    feat = hooks.run(model, args, kwargs, output_fn)
+                    fl = _rel_mse(feat, target)
+                    reg = config.lambda_sparsity * a.sum() + config.lambda_bimodal * (a * (1 - a)).sum()
+                    loss = fl + w * reg
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    loss_hist[t, it] = float(loss.detach())
+                    feat_hist[t, it] = float(fl.detach())
+            hooks.mode, hooks.mix, hooks.cache, hooks.feature = "off", None, None, None
+            del a, sample, feat, fl, reg, loss  # no graph of step t outlives it
+            alpha[t] = torch.sigmoid(theta.detach()).cpu().numpy()
+            bar.set_postfix(loss=f"{loss_hist[t, -1]:.3g}", computed=int((alpha[t] > config.threshold).sum()))
+            prev_blocks = blocks
+        del prev_blocks
+
+        names = tuple(u.name for u in units)
+        table = alpha > config.threshold
+        table[0] = True
+        raw = Mask(tuple(tuple(bool(v) for v in row) for row in table), names)
+        rectified_by = None
+        mask = raw
+        if config.rectify:
+            if _is_chain(captured.gm, units):
+                mask, rectified_by = rectify(raw, order=names), "chain"
+            else:
+                mask, rectified_by = _liveness_rectify(captured.gm, unitset, units, raw), "liveness"
+        return MaskLearningResult(
+            mask=mask,
+            unrectified=raw,
+            alpha=alpha,
+            loss=loss_hist,
+            feature_loss=feat_hist,
+            change=change,
+            weights=weights,
+            units=names,
+            feature=feature_name,
+            rectified_by=rectified_by,
+            meta={"model_class": type(model).__name__, "config": config.to_dict(), "num_steps": T},
+        )
+    finally:
+        if hooks is not None:
+            hooks.remove()
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def learn_mask(
+    model: torch.nn.Module,
+    run_or_inputs: Callable[[torch.nn.Module, int], Any] | Sequence[tuple[tuple, dict]],
+    config: LearnedMask | None = None,
+    *,
+    feature: str = "final_block",
+    progress: bool = True,
+) -> Mask:
+    """Learn a timestep-aware block mask (see the module doc); returns the :class:`Mask`.
+    :func:`learn_mask_details` takes the same arguments and also returns α, the losses,
+    ``r_t`` and ``w_t``."""
+    return learn_mask_details(model, run_or_inputs, config, feature=feature, progress=progress).mask

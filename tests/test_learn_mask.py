@@ -1,0 +1,294 @@
+"""Timestep-aware block masking (timestep-aware-block-masking.txt, DESIGN.md §4) on tiny
+random-weight models, a few iterations per step: the optimisation, the frozen model, the
+learned Mask compiling, and rectification being what the compiler's liveness does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fxcache
+from fxcache.analyze.units import find_units
+from fxcache.api import _lower_to_plan
+from fxcache.calibrate.mask_learning import (
+    _liveness_rectify,
+    learn_mask,
+    learn_mask_details,
+    timestep_weights,
+)
+from fxcache.capture import capture
+from fxcache.rewrite.step_graphs import solve_steps
+from fxcache.schedules import LearnedMask, Mask, ScheduleError, rectify
+from fxcache.testing import tiny
+
+STEPS = [999, 666, 333, 0]
+BLOCKS = ("transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models: two intra-op threads on two shared, busy cores are 10x slower than one
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return tiny("dit")
+
+
+def _run(m, seed):
+    """A 4-step loop: the call pattern of a sampler, not a real one."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    labels = torch.tensor([3, 5])
+    for t in STEPS:
+        eps = m(x, timestep=torch.tensor([t, t]), class_labels=labels).sample
+        x = x - 0.2 * eps
+    return x
+
+
+def _outputs(model, seed=0):
+    """The model's output at every step of ``_run``."""
+    outs = []
+
+    class Tap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, *a, **k):
+            out = self.m(*a, **k)
+            outs.append(out.sample.clone())
+            return out
+
+    with torch.no_grad():
+        _run(Tap(), seed)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def sparse(dit):
+    """λ1 above λ2: the sparsity push beats the bimodal pull towards 1 (see test below)."""
+    return learn_mask_details(dit.model, _run, LearnedMask(iters=25, lr=0.3, lambda_sparsity=0.05), progress=False)
+
+
+# ----------------------------------------------------------------------- optimisation
+def test_loss_goes_down(sparse):
+    r = sparse
+    assert r.loss.shape == r.feature_loss.shape == (len(STEPS), 25)
+    assert np.isnan(r.loss[0]).all()  # step 0 computes everything and is not trained
+    for t in range(1, len(STEPS)):
+        assert r.loss[t, -3:].mean() < 0.5 * r.loss[t, :3].mean(), (t, r.loss[t])
+    assert r.units == BLOCKS and r.feature == "transformer_blocks.2"
+    assert r.alpha.shape == (len(STEPS), 3) and (r.alpha[0] == 1).all()
+
+
+def test_timestep_weights(sparse):
+    r = sparse
+    assert np.isnan(r.change[0]) and (r.change[1:] > 0).all()
+    np.testing.assert_allclose(r.weights, timestep_weights(r.change))
+    assert r.weights[0] == 0 and r.weights[1:].mean() == pytest.approx(1.0)
+    # small weight where the feature changes a lot, large where it changes little
+    assert np.argmax(r.weights[1:]) == np.argmin(r.change[1:])
+    assert np.argmin(r.weights[1:]) == np.argmax(r.change[1:])
+    # the formula on hand-made changes: r̄ = 0.5, raw = clip(r̄/r, 1/4, 4) = clip(5, 0.5, 1.25)
+    w = timestep_weights([np.nan, 0.1, 1.0, 0.4])
+    np.testing.assert_allclose(w, [0.0] + [x / (5.75 / 3) for x in (4.0, 0.5, 1.25)])
+
+
+def test_learned_mask_is_valid_and_compiles(dit, sparse, tmp_path):
+    mask = sparse.mask
+    assert isinstance(mask, Mask) and mask.units == BLOCKS and mask.num_steps == len(STEPS)
+    assert all(mask.table[0])
+    assert Mask.load(mask.save(tmp_path / "mask.json")) == mask
+    cm = fxcache.compile(dit.model, mask, backend=None)
+    out = _run(cm, 0)
+    assert torch.isfinite(out).all()
+    assert cm.plan.planned_flops < cm.plan.full_flops * len(STEPS)
+
+
+def test_huge_sparsity_reuses_and_zero_sparsity_computes(dit):
+    huge = learn_mask(dit.model, _run, LearnedMask(iters=10, lr=0.5, lambda_sparsity=100.0), progress=False)
+    assert not any(any(row) for row in huge.table[1:])  # every block reused after step 0
+    zero = learn_mask(dit.model, _run, LearnedMask(iters=10, lr=0.5, lambda_sparsity=0.0), progress=False)
+    assert all(all(row) for row in zero.table)
+    cm = fxcache.compile(dit.model, zero, backend=None)
+    for a, b in zip(_outputs(cm), _outputs(dit.model)):
+        assert torch.equal(a, b)  # computing everything is the model itself
+
+
+def test_bimodal_term_holds_alpha_at_one_when_it_outweighs_sparsity(dit):
+    # d/dα [λ1 α + λ2 α(1-α)] = λ1 + λ2 (1 - 2α) < 0 near α = 1 when λ1 < λ2: nothing is reused
+    r = learn_mask_details(
+        dit.model, _run, LearnedMask(iters=15, lr=0.3, lambda_sparsity=0.005, lambda_bimodal=0.01), progress=False
+    )
+    assert (r.alpha[1:] > 0.9).all() and all(all(row) for row in r.mask.table)
+
+
+def test_model_frozen_and_restored(dit):
+    model = dit.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.pos_embed.proj.weight.requires_grad_(False)  # a mixed set of flags comes back as it was
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(flags.values()) and not all(flags.values())
+    model.train()
+    try:
+        learn_mask(model, _run, LearnedMask(iters=3), progress=False)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert model.training and all(m.training for m in model.modules())
+        assert all(p.grad is None for p in model.parameters())
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert not any(m._forward_hooks for m in model.modules())
+        # also on error: a num_steps that does not match the run
+        with pytest.raises(ScheduleError, match="num_steps"):
+            learn_mask(model, _run, LearnedMask(iters=1, num_steps=7), progress=False)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert not any(m._forward_hooks for m in model.modules())
+    finally:
+        model.eval()
+        model.pos_embed.proj.weight.requires_grad_(True)
+
+
+def test_per_step_inputs_instead_of_a_run(dit):
+    calls = [dit.inputs(t) for t in dit.timesteps[:3]]
+    r = learn_mask_details(dit.model, calls, LearnedMask(iters=2, units="attention"), progress=False)
+    assert r.mask.num_steps == 3 and r.units == tuple(f"{b}.attn1" for b in BLOCKS)
+    assert r.rectified_by == "liveness"  # attention sublayers are not a chain (residual adds between)
+    out = learn_mask_details(dit.model, calls, LearnedMask(iters=2), feature="output", progress=False)
+    assert out.feature == "output" and np.isfinite(out.loss[1:]).all()
+    with pytest.raises(ScheduleError, match="feature"):
+        learn_mask(dit.model, calls, LearnedMask(iters=1), feature="last", progress=False)
+    with pytest.raises(ScheduleError, match="empty"):
+        learn_mask(dit.model, [], LearnedMask(iters=1), progress=False)
+
+
+def _unet_run(m, seed):
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+    for t in STEPS:
+        x = x - 0.2 * m(x, torch.tensor(t)).sample
+
+
+def test_unet_resnets():
+    T = tiny("unet2d")
+    r = learn_mask_details(T.model, _unet_run, LearnedMask(iters=2, units="resnet"), progress=False)
+    assert len(r.units) == 8 and r.rectified_by == "liveness"  # skip connections: not a chain
+    assert r.feature == "up_blocks.1.resnets.1"
+    cm = fxcache.compile(T.model, r.mask, backend=None)
+    _unet_run(cm, 0)
+
+
+def test_unet_chain_rule_would_be_wrong_liveness_rectification_is_exact():
+    """On a U-Net the paper's chain rule drops a resnet whose output a skip connection
+    still reads; the liveness rectification used for non-chains changes nothing."""
+    T = tiny("unet2d")
+    c = capture(T.model, *T.inputs(T.timesteps[0]))
+    us = find_units(c.gm)
+    units = [u for u in us if u.kind == "resnet"]
+    names = tuple(u.name for u in units)
+    d0, d1 = names.index("down_blocks.0.resnets.0"), names.index("down_blocks.1.resnets.0")
+    row = [True] * len(names)
+    row[d1] = False  # the next resnet reuses: the chain rule drops d0 at step 1
+    mask = Mask([[True] * len(names), row, [True] * len(names)], names)
+    chain = rectify(mask)
+    assert not chain.table[1][d0]
+    live = _liveness_rectify(c.gm, us, units, mask)
+    assert live.table[1][d0]  # its output feeds the skip connection of up_blocks.1
+
+    def outputs(m):
+        outs = []
+        x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for t in STEPS[:3]:
+                outs.append(m(x, torch.tensor(t)).sample)
+                x = x - 0.2 * outs[-1]
+        return outs, m
+
+    ref, a = outputs(fxcache.compile(T.model, mask, backend=None))
+    got, b = outputs(fxcache.compile(T.model, live, backend=None))
+    bad, _ = outputs(fxcache.compile(T.model, chain, backend=None))
+    assert all(torch.equal(x, y) for x, y in zip(ref, got))
+    assert [a.plan.step_flops(s) for s in range(3)] == [b.plan.step_flops(s) for s in range(3)]
+    assert not torch.equal(ref[1], bad[1])
+
+
+# ---------------------------------------------------------------------- rectification
+HAND_MADE = [
+    # block:    0      1      2
+    (True, True, True),
+    (True, False, True),  # block 1 reuses and block 0 recomputes at step 2: block 0 is dead here
+    (True, True, False),  # block 2 reuses: block 1's value only feeds step 3's (dead) cache read
+    (False, True, False),  # last step, block 2 reuses: nobody reads block 1
+]
+
+
+def test_rectification_is_what_liveness_already_does(dit):
+    """The required check: a hand-made mask and its rectified version compile to the same
+    computation: identical outputs at every step, identical executed FLOPs per step."""
+    mask = Mask(HAND_MADE, BLOCKS)
+    rect = rectify(mask)
+    assert rect.table == (
+        (True, True, True),
+        (False, False, True),
+        (True, True, False),
+        (False, False, False),
+    )
+    a = fxcache.compile(dit.model, mask, backend=None)
+    b = fxcache.compile(dit.model, rect, backend=None)
+    outs_a, outs_b = _outputs(a), _outputs(b)
+    assert len(outs_a) == len(STEPS)
+    for step, (x, y) in enumerate(zip(outs_a, outs_b)):
+        assert torch.equal(x, y), step
+    assert a.plan.bound and b.plan.bound
+    for step in range(len(STEPS)):
+        assert a.plan.step_flops(step) == b.plan.step_flops(step), step
+    assert a.plan.planned_flops == b.plan.planned_flops
+    # the compiler removed what the mask asked to compute: the mask's own estimate is higher
+    assert a.plan.planned_flops < sum(a.plan.estimated_flops(row) for row in mask.table)
+    # the liveness version of rectification also sees that block 1 (and so block 0) at
+    # step 2 is dead: step 3 reuses block 1, but nobody reads that value. The chain rule
+    # keeps them (its next-step copy was itself rectified away); the compiler skips them.
+    c = capture(dit.model, *dit.inputs(dit.timesteps[0]))
+    us = find_units(c.gm)
+    live = _liveness_rectify(c.gm, us, [u for u in us if u.name in BLOCKS], mask)
+    assert live.table[:2] == rect.table[:2] and live.table[3] == rect.table[3]
+    assert live.table[2] == (False, False, False)
+    full = a.plan.full_flops
+    block = next(u.flops for u in a.plan.unit_infos if u.name == BLOCKS[1])
+    # no block runs at step 2 (nor the patch embedding that only feeds block 0)
+    assert a.plan.step_flops(2) == b.plan.step_flops(2) <= full - 3 * block
+    assert a.plan.step_flops(2) < a.plan.estimated_flops(rect.table[2])
+
+
+@pytest.fixture(scope="module")
+def dit_graph(dit):
+    c = capture(dit.model, *dit.inputs(dit.timesteps[0]))
+    us = find_units(c.gm)
+    return c.gm, us, [u for u in us if u.name in BLOCKS]
+
+
+def _executed(gm, us, units, mask):
+    plan = _lower_to_plan(mask, us, None)
+    solved = solve_steps(gm, units, plan)
+    plan._bind(solved.kind_of_step, solved.step_kinds)
+    return [solved.graphs[solved.kind_of_step[t]].executed for t in range(mask.num_steps)], [
+        plan.step_flops(t) for t in range(mask.num_steps)
+    ]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_rectified_masks_execute_the_same_nodes(dit_graph, data):
+    gm, us, units = dit_graph
+    steps = data.draw(st.integers(2, 6))
+    rows = [(True,) * 3] + [tuple(data.draw(st.lists(st.booleans(), min_size=3, max_size=3))) for _ in range(steps - 1)]
+    mask = Mask(rows, BLOCKS)
+    base = _executed(gm, us, units, mask)
+    assert _executed(gm, us, units, rectify(mask)) == base
+    assert _executed(gm, us, units, _liveness_rectify(gm, us, units, mask)) == base
