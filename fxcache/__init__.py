@@ -12,6 +12,9 @@ from .errors import CaptureError, CheckpointError, FxcacheError, UnitError, Unsu
 from .plan import Plan, PlanError, UnitInfo
 from .runtime import CachedModel
 from .schedules import FORA, BlockCache, DeepCache, LearnedMask, Mask, ScheduleError, rectify
+from .calibrate.mask_learning import MaskLearningResult, learn_mask, learn_mask_details
+from .calibrate.profile_data import Profile
+from .calibrate.profiler import profile
 from .calibrate.scale_shift import ScaleShift, evaluate_scale_shift, train_scale_shift
 
 __all__ = [
@@ -28,6 +31,11 @@ __all__ = [
     "BlockCache",
     "LearnedMask",
     "rectify",
+    "profile",
+    "Profile",
+    "learn_mask",
+    "learn_mask_details",
+    "MaskLearningResult",
     "ScaleShift",
     "train_scale_shift",
     "evaluate_scale_shift",
