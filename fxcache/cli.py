@@ -1,0 +1,417 @@
+"""The ``fxcache`` command line: ``fxcache demo | profile | bench``.
+
+``fxcache demo``     generate digits with the embedded trained U-Net, uncached and with
+                     DeepCache; print the plan, the fidelity (SQNR/PSNR) and the three
+                     speed figures; write a side-by-side PNG.
+``fxcache profile``  record how much each unit's output changes from step to step
+                     (the input of ``fxcache.BlockCache``) and save it.
+``fxcache bench``    print a :class:`fxcache.bench.SpeedReport` for a model and schedule.
+
+Every subcommand runs on the CPU in this process; ``--backend none`` (the default) runs
+the graphs eagerly, ``--backend inductor`` compiles them (minutes on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Sequence
+
+__all__ = ["main", "build_parser", "parse_schedule"]
+
+MODELS = ("unet", "dit")
+BACKENDS = ("none", "inductor", "aot_eager")
+_SCHEDULE_HELP = "deepcache:INTERVAL[:BRANCH] (U-Net) or fora:INTERVAL (DiT), e.g. deepcache:3:0 or fora:2"
+_DEFAULT_SCHEDULE = {"unet": "deepcache:3:0", "dit": "fora:2"}
+
+
+class CliError(Exception):
+    """A user error the command line reports in one line (exit status 2)."""
+
+
+# ------------------------------------------------------------------ argument types
+def parse_schedule(text: str):
+    """``deepcache:3``, ``deepcache:3:0`` or ``fora:2`` → a schedule config."""
+    from .schedules import FORA, DeepCache, ScheduleError
+
+    parts = text.strip().lower().split(":")
+    name, nums = parts[0], parts[1:]
+    try:
+        values = [int(v) for v in nums]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: numbers expected after ':'; use {_SCHEDULE_HELP}")
+    try:
+        if name == "deepcache" and len(values) in (1, 2):
+            return DeepCache(interval=values[0], branch=values[1] if len(values) == 2 else 0)
+        if name == "fora" and len(values) == 1:
+            return FORA(interval=values[0])
+    except ScheduleError as exc:
+        raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: {exc}")
+    raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: use {_SCHEDULE_HELP}")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 0,1,2)")
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed (e.g. 0,1,2)")
+    return seeds
+
+
+def _backend(value: str) -> str | None:
+    return None if value == "none" else value
+
+
+# ------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxcache",
+        description="Feature caching for diffusion denoisers as an FX compiler pass (CPU demo, profiler, benchmark).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{demo,profile,bench}")
+    sub.required = True
+
+    def common(p, *, steps=20):
+        p.add_argument("--steps", type=_positive, default=steps, help=f"DDIM steps per generation (default {steps})")
+        p.add_argument("--threads", type=_positive, default=1,
+                       help="torch.set_num_threads for everything run and timed (default 1: these 16x16 models gain "
+                       "little from more, and one thread keeps timings stable on a shared machine)")
+
+    def speed(p, repeats):
+        p.add_argument("--backend", choices=BACKENDS, default="none",
+                       help="none: eager FX graphs (default, fast to start); inductor: torch.compile (minutes on CPU)")
+        p.add_argument("--repeats", type=_positive, default=repeats,
+                       help=f"interleaved timing repeats (default {repeats})")
+
+    demo = sub.add_parser("demo", help="generate digits with the trained U-Net, uncached vs DeepCache",
+                          description="Generate digits with the embedded trained U-Net, uncached and with DeepCache; "
+                          "print the plan, SQNR/PSNR and the three speed figures; write a side-by-side PNG.")
+    common(demo)
+    demo.add_argument("--interval", type=_positive, default=3, help="DeepCache: a full step every N steps (default 3)")
+    demo.add_argument("--branch", type=_non_negative, default=0,
+                      help="DeepCache: skip branch to cache behind, 0 = shallowest (default 0)")
+    demo.add_argument("--samples", type=_positive, default=16, help="digits per generation (default 16)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    demo.add_argument("--out", default="demo.png", help="PNG to write (default demo.png)")
+    speed(demo, repeats=5)
+    demo.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
+
+    prof = sub.add_parser("profile", help="record the step-to-step change of every unit (input of BlockCache)",
+                          description="Run generations through a recorder and save, per unit and step, the relative "
+                          "L1 change of its output (block caching, Eq. 6).")
+    prof.add_argument("--model", choices=MODELS, required=True, help="embedded trained model")
+    common(prof)
+    prof.add_argument("--samples", type=_positive, default=8, help="samples per generation (default 8)")
+    prof.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
+    prof.add_argument("--units", default=None,
+                      help="unit kind(s) or names, comma-separated (default: every unit except skip branches)")
+    prof.add_argument("--out", required=True, help="profile file to write (.safetensors)")
+    prof.add_argument("--plot", default=None, help="also plot the profile to this PNG")
+
+    bench = sub.add_parser("bench", help="measure the three speed figures of a model and schedule",
+                           description="Measure, in this process: the FLOP-ideal speed-up, the speed-up predicted "
+                           "from timing each step kind in isolation, the measured end-to-end speed-up, "
+                           "and their ratio (runtime efficiency).")
+    bench.add_argument("--model", choices=MODELS, required=True, help="embedded trained model")
+    bench.add_argument("--schedule", type=parse_schedule, default=None,
+                       help=f"{_SCHEDULE_HELP} (default: deepcache:3:0 for unet, fora:2 for dit)")
+    common(bench)
+    bench.add_argument("--samples", type=_positive, default=16, help="batch size (default 16)")
+    speed(bench, repeats=7)
+    bench.add_argument("--mode", default=None, help="torch.compile mode (with --backend inductor)")
+    bench.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    return parser
+
+
+# ------------------------------------------------------------------------ helpers
+class _Ticking:
+    """Drop-in proxy that advances a progress bar at every model call."""
+
+    def __init__(self, model, bar):
+        self._model = model
+        self._bar = bar
+
+    def __call__(self, *args, **kwargs):
+        out = self._model(*args, **kwargs)
+        self._bar.update(1)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _generate(model, steps: int, samples: int, seed: int, labels, desc: str):
+    from tqdm.auto import tqdm
+
+    from .models import generate
+
+    with tqdm(total=steps, desc=desc, unit="step", leave=False) as bar:
+        return generate(_Ticking(model, bar), num_steps=steps, num_samples=samples, seed=seed, class_labels=labels)
+
+
+def _load(name: str):
+    from . import models
+
+    if name not in models.available():
+        raise CliError(
+            f"the embedded model {name!r} is not in this installation (available: "
+            f"{', '.join(models.available()) or 'none'}); train it with scripts/train_models.py {name}"
+        )
+    return models.load(name)
+
+
+def _labels(name: str, samples: int):
+    import torch
+
+    return (torch.arange(samples) % 10) if name == "dit" else None
+
+
+def _compile_warning(backend: str | None) -> None:
+    if backend == "inductor":
+        print(
+            "note: --backend inductor compiles one graph per kind of step and the uncached baseline with "
+            "torch.compile; on a CPU that takes minutes before anything is timed.",
+            flush=True,
+        )
+
+
+def _grid(images, cols: int, scale: int, pad: int):
+    """uint8 PIL image of ``images`` (N, C, H, W) in [-1, 1] tiled ``cols`` per row."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    x = images.detach().float().cpu().clamp(-1, 1)
+    x = ((x + 1) * 127.5).round().to(dtype=torch.uint8).numpy()
+    n, c, h, w = x.shape
+    rows = math.ceil(n / cols)
+    H, W = rows * (h * scale + pad) + pad, cols * (w * scale + pad) + pad
+    canvas = np.full((H, W, 3), 255, np.uint8)
+    for i in range(n):
+        img = x[i].transpose(1, 2, 0)
+        img = np.repeat(img, 3, axis=2) if c == 1 else img[..., :3]
+        img = img.repeat(scale, 0).repeat(scale, 1)
+        r, q = divmod(i, cols)
+        y0, x0 = pad + r * (h * scale + pad), pad + q * (w * scale + pad)
+        canvas[y0 : y0 + h * scale, x0 : x0 + w * scale] = img
+    return Image.fromarray(canvas)
+
+
+def save_side_by_side(path: str, panels, titles: Sequence[str], footer: str = "") -> None:
+    """Image grids (each (N, C, H, W) in [-1, 1]) side by side, a title of up to two
+    lines above each and a footer line below (PIL only, no matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    cols = max(1, math.ceil(math.sqrt(panels[0].shape[0])))
+    grids = [_grid(p, cols, 4, 4) for p in panels]
+    gap, top, bottom = 16, 34, 22 if footer else 6
+    width = sum(g.width for g in grids) + gap * (len(grids) - 1)
+    out = Image.new("RGB", (width, top + max(g.height for g in grids) + bottom), "white")
+    draw = ImageDraw.Draw(out)
+    x0 = 0
+    for g, title in zip(grids, titles):
+        out.paste(g, (x0, top))
+        for j, line in enumerate(title.split("\n")[:2]):
+            draw.text((x0 + 4, 3 + 14 * j), line, fill="black")
+        x0 += g.width + gap
+    if footer:
+        draw.text((4, out.height - bottom + 5), footer, fill="black")
+    out.save(path)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    import torch
+
+    from . import compile as fx_compile
+    from .bench import measure_speedup
+    from .metrics import psnr, sqnr
+    from .models import generate
+    from .schedules import DeepCache
+
+    backend = _backend(args.backend)
+    schedule = DeepCache(interval=args.interval, branch=args.branch)
+    model = _load("unet")
+    _compile_warning(backend)
+    torch.set_num_threads(args.threads)
+    print(f"fxcache demo: embedded U-Net ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"16x16 digits), DDIM {args.steps} steps, {args.samples} samples, seed {args.seed}, "
+          f"{torch.get_num_threads()} thread(s)", flush=True)
+    try:
+        cached = fx_compile(model, schedule, backend=backend)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            ref = _generate(model, args.steps, args.samples, args.seed, None, "uncached")
+            t_ref = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with cached.generation():
+                out = _generate(cached, args.steps, args.samples, args.seed, None, f"cached {schedule.interval}:{schedule.branch}")
+            t_first = time.perf_counter() - t0
+    except Exception as exc:
+        if _is_fxcache_error(exc):
+            raise CliError(str(exc)) from exc
+        raise
+    what = "capture + rewrite" + (f" + compile with {backend}" if backend else "")
+    print(f"uncached generation: {t_ref:.2f} s; first cached generation ({what}): {t_first:.2f} s\n")
+    print(cached.plan)
+    s, p = sqnr(ref, out), psnr(ref, out)
+    print(f"\nfidelity of the cached samples to the uncached ones (same noise): SQNR {s:.2f} dB, PSNR {p:.2f} dB "
+          f"(max |diff| {float((ref - out).abs().max()):.3f} on [-1, 1])")
+    report = None
+    if not args.no_bench:
+        print("\nmeasuring speed (uncached and cached generations interleaved; ratios only) ...", flush=True)
+
+        def run(m):
+            return generate(m, num_steps=args.steps, num_samples=args.samples, seed=args.seed)
+
+        report = measure_speedup(cached, None, run, repeats=args.repeats, threads=args.threads, progress=True)
+        print()
+        print(report)
+    footer = f"SQNR {s:.1f} dB, PSNR {p:.1f} dB"
+    if report is not None:
+        footer += (f"; speed-up: ideal {report.ideal_speedup:.2f}x, predicted {report.predicted_speedup:.2f}x, "
+                   f"measured {report.measured_speedup:.2f}x")
+    diff = ((ref - out).abs() * 4 - 1).clamp(-1, 1)  # |difference| x 4, black = 0
+    save_side_by_side(
+        args.out,
+        [ref, out, diff],
+        [f"uncached\nDDIM {args.steps} steps, seed {args.seed}",
+         f"DeepCache(interval={schedule.interval}, branch={schedule.branch})\nsame noise",
+         "|uncached - cached| x 4\n(black: equal)"],
+        footer,
+    )
+    print(f"\nwrote {args.out} (left: uncached, middle: cached, right: |difference| x 4)")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("fxcache.calibrate.profiler") is None:
+        raise CliError(
+            "fxcache profile needs fxcache.calibrate.profiler, which this installation does not have yet"
+        )
+    from .calibrate.profiler import profile
+    from .models import generate
+
+    model = _load(args.model)
+    torch.set_num_threads(args.threads)
+    labels = _labels(args.model, args.samples)
+    units = None
+    if args.units:
+        parts = [u.strip() for u in args.units.split(",") if u.strip()]
+        units = parts[0] if len(parts) == 1 else tuple(parts)
+
+    def run(m, seed):
+        return generate(m, num_steps=args.steps, num_samples=args.samples, seed=seed, class_labels=labels)
+
+    print(f"profiling {args.model}: {len(args.seeds)} generations of {args.steps} steps, {args.samples} samples",
+          flush=True)
+    try:
+        with torch.no_grad():
+            prof = profile(model, run, units=units, seeds=args.seeds, progress=True)
+    except Exception as exc:
+        if _is_fxcache_error(exc):
+            raise CliError(str(exc)) from exc
+        raise
+    saved = prof.save(args.out)
+    print(f"{prof!r}\nwrote {saved or args.out}")
+    if args.plot:
+        prof.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .bench import measure_speedup
+    from .models import generate
+    from .schedules import DeepCache
+
+    schedule = args.schedule or parse_schedule(_DEFAULT_SCHEDULE[args.model])
+    if args.model == "dit" and isinstance(schedule, DeepCache):
+        raise CliError("DeepCache caches behind a U-Net skip connection and the DiT has none; use --schedule fora:N")
+    backend = _backend(args.backend)
+    model = _load(args.model)
+    _compile_warning(backend)
+    labels = _labels(args.model, args.samples)
+
+    def run(m):
+        return generate(m, num_steps=args.steps, num_samples=args.samples, seed=0, class_labels=labels)
+
+    try:
+        report = measure_speedup(model, schedule, run, backend=backend, mode=args.mode, repeats=args.repeats,
+                                 threads=args.threads, progress=True)
+    except Exception as exc:
+        if _is_fxcache_error(exc):
+            raise CliError(str(exc)) from exc
+        raise
+    print(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _is_fxcache_error(exc: BaseException) -> bool:
+    from .errors import FxcacheError
+
+    return isinstance(exc, FxcacheError)
+
+
+_COMMANDS = {"demo": cmd_demo, "profile": cmd_profile, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fxcache`` and ``python -m fxcache``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+    import torch
+
+    threads = torch.get_num_threads()  # commands set their own; put it back for in-process callers
+    try:
+        return _COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"fxcache {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
