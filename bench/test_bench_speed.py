@@ -176,5 +176,10 @@ def test_speed_figures(name, backend, record_property):
     if b.trained and not b.unet:
         # FORA on the trained DiT (batch 16, 64 tokens) skips enough work to show.
         assert rep.measured_speedup > 1.0, f"FORA made {name} slower:\n{rep}"
-    # The runtime must not eat what the graphs save (see MIN_EFFICIENCY).
-    assert rep.efficiency >= MIN_EFFICIENCY, f"runtime efficiency {rep.efficiency:.3f} < {MIN_EFFICIENCY}:\n{rep}"
+    # The runtime must not eat what the graphs save (see MIN_EFFICIENCY). DESIGN.md
+    # charges the efficiency to the runtime (dispatch, cache writes, step bookkeeping),
+    # so the loop's own work (scheduler steps), which both arms pay and which pulls (3)
+    # towards 1 however good the runtime is, is left out when it could be timed; the
+    # plain (3)/(2) is printed beside it in the report.
+    eff = rep.efficiency_excl_loop if rep.efficiency_excl_loop is not None else rep.efficiency
+    assert eff >= MIN_EFFICIENCY, f"runtime efficiency {eff:.3f} < {MIN_EFFICIENCY}:\n{rep}"

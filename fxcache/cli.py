@@ -195,7 +195,7 @@ def _compile_warning(backend: str | None) -> None:
     if backend == "inductor":
         print(
             "note: --backend inductor compiles one graph per kind of step and the uncached baseline with "
-            "torch.compile; on a CPU that takes minutes before anything is timed.",
+            "torch.compile; on a CPU that takes a minute or more before anything is timed.",
             flush=True,
         )
 

@@ -58,6 +58,13 @@ def _check_consistent(rep: SpeedReport, steps: int, repeats: int):
     per_step = sum(n * t for n, t in zip(rep.kind_steps, rep.kind_step_s) if n)
     assert math.isclose(rep.predicted_speedup, steps * rep.full_step_s / per_step, rel_tol=1e-9)
     assert math.isclose(rep.efficiency, rep.measured_speedup / rep.predicted_speedup, rel_tol=1e-12)
+    assert rep.predicted_min <= rep.predicted_max
+    # the loop's own work, added to both arms of the prediction
+    assert rep.loop_s is not None and rep.loop_s > 0
+    kinds = sum(n * t for n, t in zip(rep.kind_steps, rep.kind_step_s) if n)
+    with_loop = (steps * rep.full_step_s + rep.loop_s) / (kinds + rep.loop_s)
+    assert math.isclose(rep.predicted_with_loop, with_loop, rel_tol=1e-9)
+    assert math.isclose(rep.efficiency_excl_loop, rep.measured_speedup / with_loop, rel_tol=1e-12)
 
 
 def test_measure_speedup_eager_tiny_unet(tiny_unet):
@@ -78,7 +85,7 @@ def test_measure_speedup_eager_tiny_unet(tiny_unet):
     json.dumps(d)
     assert d["measured_speedup"] == rep.measured_speedup
     text = str(rep)
-    for needle in ("(1) FLOP-ideal", "(2) predicted", "(3) measured", "runtime efficiency"):
+    for needle in ("(1) FLOP-ideal", "(2) predicted", "(3) measured", "runtime efficiency", "the runtime alone"):
         assert needle in text
 
 
@@ -112,6 +119,22 @@ def test_measure_speedup_outputs_unchanged(tiny_unet):
     after = outputs()
     for a, b in zip(before, after):
         assert torch.equal(a, b)
+
+
+def test_measure_speedup_loop_needing_a_real_module(tiny_unet):
+    """A run() that the stand-in cannot drive still gets figures (2)-(4), without the loop ones."""
+    loop = _loop(tiny_unet)
+
+    def run(m):
+        if not isinstance(m, torch.nn.Module):
+            raise TypeError("run() wants a module")
+        loop(m)
+
+    rep = measure_speedup(tiny_unet.model, fxcache.DeepCache(interval=2, branch=0), run,
+                          repeats=1, warmup=0, min_time=0.0, threads=1)
+    assert rep.loop_s is None and rep.efficiency_excl_loop is None and rep.predicted_with_loop is None
+    assert math.isclose(rep.efficiency, rep.measured_speedup / rep.predicted_speedup, rel_tol=1e-12)
+    assert "the runtime alone" not in str(rep)
 
 
 def test_measure_speedup_bad_arguments(tiny_unet):
