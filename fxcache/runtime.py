@@ -40,6 +40,7 @@ from .capture import Captured, capture, flatten_call, signature_of
 from .errors import CheckpointError, UnitError
 from .plan import Plan
 from .rewrite.step_graphs import SolvedSteps, solve_steps
+from .dropin import DropIn
 
 __all__ = ["CachedModel", "CompileOptions"]
 
@@ -80,12 +81,11 @@ class _State:
     buffers: dict = field(default_factory=dict)  # signature -> {(unit, k): tensor}
 
 
-class CachedModel(torch.nn.Module):
+class CachedModel(DropIn):
     """A denoiser that runs each step with only what its plan says to recompute."""
 
     def __init__(self, model: torch.nn.Module, schedule, options: CompileOptions | None = None):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.schedule = schedule
         self.options = options or CompileOptions()
         self._entries: OrderedDict = OrderedDict()
@@ -95,15 +95,6 @@ class CachedModel(torch.nn.Module):
         self._forward_params = list(inspect.signature(model.forward).parameters)
 
     # ------------------------------------------------------------ drop-in bits
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            model = self._modules.get("model")
-            if model is None:
-                raise
-            return getattr(model, name)
-
     def __repr__(self) -> str:
         return f"CachedModel({type(self.model).__name__}, {self.schedule!r})"
 

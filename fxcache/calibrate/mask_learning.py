@@ -68,6 +68,7 @@ from ..analyze.units import Unit, UnitSet, find_units
 from ..capture import capture
 from ..errors import UnitError
 from ..schedules import LearnedMask, Mask, ScheduleError, rectify, select_units
+from ..dropin import DropIn
 
 __all__ = ["learn_mask", "learn_mask_details", "MaskLearningResult", "timestep_weights", "INIT_ALPHA"]
 
@@ -220,22 +221,12 @@ def _rel_mse(feat: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tens
     return num / den.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-class _InputRecorder(torch.nn.Module):
+class _InputRecorder(DropIn):
     """Drop-in used for the teacher run: the full model, recording each call's inputs."""
 
     def __init__(self, model):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.calls: list = []
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            model = self._modules.get("model")
-            if model is None:
-                raise
-            return getattr(model, name)
 
     def forward(self, *args, **kwargs):
         self.calls.append((_clone(tuple(args)), _clone(dict(kwargs))))

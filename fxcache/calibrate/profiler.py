@@ -48,6 +48,7 @@ from ..analyze.units import Unit, UnitSet, find_units
 from ..capture import Captured, capture, flatten_call, signature_of
 from ..schedules import select_units
 from .profile_data import Profile, ProfileError
+from ..dropin import DropIn
 
 __all__ = ["profile", "ProfileRecorder", "RESIDUAL_KINDS", "residual_input", "recording_graph"]
 
@@ -127,7 +128,7 @@ def _select(unitset: UnitSet, units) -> list[Unit]:
     return [u for u in unitset if u.name in names]
 
 
-class ProfileRecorder(torch.nn.Module):
+class ProfileRecorder(DropIn):
     """A drop-in module that runs the captured graph of ``model`` and records, per call,
     the step-to-step change of each selected unit's contribution (see the module doc).
 
@@ -137,21 +138,11 @@ class ProfileRecorder(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, units: str | Sequence[str] | None = None):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.selector = units
         self._entries: dict = {}
         self._forward_params = list(inspect.signature(model.forward).parameters)
         self.start()
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            model = self._modules.get("model")
-            if model is None:
-                raise
-            return getattr(model, name)
 
     # ------------------------------------------------------------------ state
     def start(self) -> None:
