@@ -1,0 +1,77 @@
+"""Each method end to end on the tiny families it supports, against the naive hook
+reference of the core tests (the whole model runs; hooks substitute cached values)."""
+
+import numpy as np
+import pytest
+import torch
+
+import fxcache
+from fxcache.calibrate.profile_data import Profile
+from fxcache.testing import tiny
+from test_core import NaiveReference
+
+
+def _check_against_reference(T, schedule, steps=5, **kw):
+    cm = fxcache.compile(T.model, schedule, backend=None, **kw)
+    timesteps = [torch.tensor(999 - 180 * i) if T.family not in ("sd3", "flux") else T.timesteps[0] * (1 - 0.18 * i)
+                 for i in range(steps)]
+    outs = []
+    with torch.no_grad():
+        for t in timesteps:
+            outs.append(T.output(T.call(cm, t)))
+        plan = cm.plan
+        mask = fxcache.Mask(plan.table, plan.units, periodic=plan.periodic)
+        ref = NaiveReference(T, mask, cm.entries[-1].units)
+        for step, t in enumerate(timesteps):
+            torch.testing.assert_close(outs[step], ref(step, t), rtol=1e-5, atol=1e-5)
+    assert plan.ideal_speedup > 1.0
+    return cm
+
+
+@pytest.mark.parametrize("family", ["unet2d", "sd", "sdxl"])
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "non-uniform"])
+def test_deepcache(family, uniform):
+    T = tiny(family)
+    sched = fxcache.DeepCache(interval=2, branch=1) if uniform else fxcache.DeepCache(
+        interval=2, branch=1, uniform=False, num_steps=5)
+    cm = _check_against_reference(T, sched)
+    assert cm.plan.units == ("skip_branch.1",)
+    assert "branch 0:" in cm.plan.explain()
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux", "sd"])
+def test_fora(family):
+    T = tiny(family)
+    cm = _check_against_reference(T, fxcache.FORA(interval=2))
+    kinds = {u.kind for u in cm.plan.unit_infos}
+    assert kinds <= {"attention", "mlp", "branch"}
+    if family == "flux":
+        assert any(n.endswith(".branch") for n in cm.plan.units)
+
+
+def _synthetic_profile(units, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    l1 = rng.uniform(0.02, 0.3, size=(steps, len(units)))
+    l1[0] = np.nan
+    return Profile(units=tuple(units), l1rel=l1)
+
+
+@pytest.mark.parametrize("family,kind", [("dit", "transformer_block"), ("unet2d", "attention")])
+def test_block_cache(family, kind):
+    T = tiny(family)
+    args, kwargs = T.inputs(T.timesteps[0])
+    names = [u.name for u in fxcache.units(T.model, *args, **kwargs) if u.kind == kind]
+    profile = _synthetic_profile(names, 5)
+    cm = _check_against_reference(T, fxcache.BlockCache(threshold=0.35, profile=profile, units=kind))
+    assert not cm.plan.periodic and cm.plan.num_steps == 5
+
+
+def test_learned_mask_runs_like_any_mask():
+    T = tiny("dit")
+    inputs = [T.inputs(t) for t in T.timesteps[:4]]
+    mask = fxcache.learn_mask(T.model, inputs, fxcache.LearnedMask(lambda_sparsity=0.05, iters=5), progress=False)
+    assert isinstance(mask, fxcache.Mask)
+    cm = fxcache.compile(T.model, mask, backend=None)
+    with torch.no_grad():
+        for t in T.timesteps[:4]:
+            T.call(cm, t)
