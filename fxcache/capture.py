@@ -25,6 +25,7 @@ dead regions look alive:
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,30 +57,44 @@ class Captured:
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _normalize_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Python-number timesteps become tensors, so that export does not bake them in."""
+    """Python-number timesteps become tensors, so that export does not bake them in.
+
+    On the per-step path: when no argument is a Python number (the usual case) this
+    returns at once; otherwise the signature is looked up once per model class."""
+    if not any(_is_number(a) for a in args) and not any(_is_number(v) for v in kwargs.values()):
+        return args, kwargs
+    names = _forward_params(type(model))
+    args = list(args)
+    for name in _TIMESTEP_NAMES:
+        if name not in names:
+            continue
+        pos = names.index(name)
+        if name in kwargs:
+            value = kwargs[name]
+        elif pos < len(args):
+            value = args[pos]
+        else:
+            continue
+        if _is_number(value):
+            tensor = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float32)
+            if name in kwargs:
+                kwargs = {**kwargs, name: tensor}
+            else:
+                args[pos] = tensor
+    return tuple(args), kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls: type) -> list:
     import inspect
 
-    try:
-        sig = inspect.signature(model.forward)
-        bound = sig.bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):
-        return args, kwargs
-    args = list(args)
-    names = list(sig.parameters)
-    for name in _TIMESTEP_NAMES:
-        if name not in bound.arguments:
-            continue
-        value = bound.arguments[name]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            dtype = torch.int64 if isinstance(value, int) else torch.float32
-            tensor = torch.tensor(value, dtype=dtype)
-            pos = names.index(name)
-            if pos < len(args):
-                args[pos] = tensor
-            else:
-                kwargs = {**kwargs, name: tensor}
-    return tuple(args), kwargs
+    params = list(inspect.signature(cls.forward).parameters)
+    return params[1:] if params and params[0] == "self" else params
 
 
 def flatten_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[list, pytree.TreeSpec]:
@@ -89,7 +104,7 @@ def flatten_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[lis
 
 def signature_of(flat: list, spec: pytree.TreeSpec) -> tuple:
     """Hashable key of a call: tensor shapes, dtypes, devices; other leaves by value."""
-    key: list = [str(spec)]
+    key: list = [spec]  # TreeSpecs hash and compare by structure
     for leaf in flat:
         if isinstance(leaf, torch.Tensor):
             key.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type, leaf.device.index))
