@@ -369,7 +369,7 @@ def render_samples(name: str, num_steps: int = 50, seed: int = 0, update_card: b
     if update_card and "classifier" in fxm.available():
         from fxcache import metrics
 
-        n = 256
+        n = 1024  # the figure-of-record sample count of fxcache.metrics
         lab = torch.arange(n) % 10 if name == "dit" else None
         xs = fxm.generate(model, num_steps=num_steps, num_samples=n, seed=seed, class_labels=lab)
         quality = {"num_samples": n, "ddim_steps": num_steps, "seed": seed, "fid_digits": metrics.fid_digits(xs)}
