@@ -31,7 +31,7 @@ print("BlockCache", "SQNR dB", sqnr(generate(unet, 20, 8), generate(block, 20, 8
 
 # Timestep-aware block masking: learn which DiT blocks to recompute at each step
 run_dit = lambda m, seed: generate(m, num_steps=20, num_samples=4, seed=seed, class_labels=torch.arange(4))
-mask = fxcache.learn_mask(dit, run_dit, fxcache.LearnedMask(lambda_sparsity=1e-2, lambda_bimodal=1e-3, iters=20), progress=False)
+mask = fxcache.learn_mask(dit, run_dit, fxcache.LearnedMask(lambda_sparsity=3e-3, lambda_bimodal=1e-3, iters=30), progress=False)
 learned = fxcache.compile(dit, mask, backend=None)
 print("LearnedMask", "SQNR dB", sqnr(generate(dit, 20, 8, class_labels=labels), generate(learned, 20, 8, class_labels=labels)),
       "ideal", round(learned.plan.ideal_speedup, 2))
