@@ -825,7 +825,28 @@ feature statistics (class accuracy rises the same way). The measured speed-ups f
 ones: a FORA partial step skips almost all FLOPs but still runs every block's adaLN, norms, gates and residual
 adds, the patch embedding and the final layer, which on a CPU at batch 16 with 64 tokens are dispatch- and
 memory-bound (per-kind step times are in the JSON, `kind_step_s`); with DiT-XL on a GPU, attention and MLP
-dominate the time and the paper's speed-ups track N.""",
+dominate the time and the paper's speed-ups track N. So FORA's SQNR advantage holds at equal FLOPs, but at equal
+*measured* CPU time it shrinks and from N = 5 on reverses (fewer-step DDIM reaches a higher speed-up at a similar
+SQNR or higher; plot: docs/tables_2.png).""",
+    3: """### Discussion: why this differs from the block-caching paper
+
+The paper (LDM-512 and EMU, 20 and 50 DPM/DDIM steps) finds block caching better than a fewer-step baseline at the
+same latency, and better still with scale-shift. Here, with units that include their own residual addition (the
+U-Net's resnets and attentions, the DiT's whole blocks), block caching loses to fewer steps at almost every
+threshold, in FID and in SQNR. The step kinds in the JSON show why: fxcache caches such a unit's whole output, so a
+reuse also freezes the residual stream, and when the δ rule reuses the last unit before the output (the U-Net's
+last resnet, whose channel-changing shortcut makes its profiled contribution its whole, slowly varying output;
+the DiT's last block), the liveness pass drops everything upstream: that step costs almost nothing and returns
+nearly the previous noise prediction, a skipped step with a stale output, which is worse than one larger DDIM
+step. The per-unit δ rule does not see this. Caching the DiT's attention and MLP sublayers instead (residual
+branches: the addition and adaLN gate stay live, which is how the paper's "due to the nature of residual
+connections" reads) keeps SQNR above fewer-step DDIM at every threshold, the same picture as FORA in table 2, with
+the same two caveats: FID on this model prefers fewer-step samples, and the measured speed-up lags the FLOP-ideal
+one because a partial step still runs every block's norms and gates, so at equal measured CPU time its SQNR is
+no better than fewer-step DDIM's (docs/tables_3.png). Scale-shift training here is 100 iterations
+on 4-sample generations (under a minute per threshold, against 15k iterations on eight A100s in the paper): it
+helps the whole-unit configurations a little at most thresholds, does not help the sublayer one (its SQNR drops),
+and its extra op costs a little speed on a CPU.""",
     4: """### Discussion: why this differs from the timestep-aware masking paper
 
 The paper reports learned masks that keep DiT-XL/2's FID at a 1.67x speed-up (100 steps) and beat FORA. Here only
