@@ -69,6 +69,8 @@ def compile(
     segments: bool | str = "auto",
     max_graphs: int = 8,
     scale_shift=None,
+    timestep_rule: str = "auto",
+    repeated_timesteps: bool = False,
 ) -> CachedModel:
     """Return a drop-in replacement for ``model`` that follows ``schedule``.
 
@@ -82,6 +84,10 @@ def compile(
     with the gate arithmetic around them. scale_shift: trained
     :class:`~fxcache.calibrate.scale_shift.ScaleShift` adapters (or their checkpoint
     path) applied at cache reads; ``BlockCache(scale_shift=path)`` does the same.
+    timestep_rule: how a new generation is told from the timestep, ``"auto"``
+    (default), ``"values"``, ``"storage"`` or ``"off"``; repeated_timesteps: equal
+    consecutive timesteps continue a generation (Heun-like schedulers). See
+    :mod:`fxcache.runtime`, "When does a new generation start?".
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
@@ -92,6 +98,7 @@ def compile(
     opts = CompileOptions(
         backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
         freezing=freezing, segments=segments, max_graphs=max_graphs, scale_shift=scale_shift,
+        timestep_rule=timestep_rule, repeated_timesteps=bool(repeated_timesteps),
     )
     if segments not in (True, False, "auto"):
         raise ValueError(f"segments must be True, False or 'auto', got {segments!r}")

@@ -1,33 +1,79 @@
 """Stage 7, run: :class:`CachedModel`, the drop-in replacement for a denoiser.
 
-``CachedModel`` holds, per input shape signature, the captured graph, the plan, one
-(compiled) graph per kind of step and the static cache buffers, and per cache context
-the current step. Calling it runs the graph of the current step's kind.
+``CachedModel`` holds, per input shape signature, the captured graph, the plan and one
+(compiled) graph per kind of step (an *entry*), and, per thread and cache context, the
+generation state: the current step, the static cache buffers and which of their slots
+hold a value written in the current generation. Calling it runs the graph of the
+current step's kind.
 
-**When does a new generation start?** (the cache is never carried into another image)
+The contract (DESIGN.md §2): the output is what the plan means (the model run as
+written; a unit not computed at a step yields its value from the last step *of this
+generation* that computed it) or an :class:`~fxcache.errors.FxcacheError`. The
+runtime's share of it:
 
-1. ``reset()``, entering ``with model.generation():``, or a pipeline call when the
-   pipeline was prepared with :func:`fxcache.attach`;
-2. the timestep did not decrease: every diffusers scheduler walks timesteps
-   downwards, so a timestep larger than the previous call's starts a new generation.
-   This is read only when the timestep tensor lives on the CPU (as in
-   ``DDPMPipeline``), where reading it costs no device synchronisation; a timestep on
-   an accelerator (``DiTPipeline`` moves it there) is never read;
-3. a non-periodic plan (block caching, learned masks, non-uniform DeepCache) ran out
-   of steps: the next call is step 0 of a new generation.
+**Valid slots.** The host tracks, per thread, cache context and input signature,
+which cache slots were written in the current generation by the step that last
+computed their unit (a step that computes a unit without writing its slot makes the
+slot stale). When the kind of the current step would read a slot that is not valid
+(the batch, resolution or dtype changed part-way, an entry was evicted, a step index
+jumped), the step runs the *repair* graph instead: everything computed, every slot
+written. No device sync: this is bookkeeping on Python sets.
 
-Limits: with the timestep on an accelerator and a periodic plan, two generations run
-back to back continue the step count unless rule 1 is used; repeated timesteps (Heun's
-method calls the model twice per timestep) count as separate steps.
+**When does a new generation start?** (checked in this order; the first that applies wins)
 
-The per-step path does no logging and no device-to-host synchronisation: it flattens
-the inputs, looks up the shape signature, picks the graph and calls it.
+1. ``reset()``, entering ``with model.generation():``, ``_reset_stateful_cache()``
+   (diffusers pipelines call it on every component at the end of every call, through
+   ``maybe_free_model_hooks()``), or a pipeline call prepared with
+   :func:`fxcache.attach`;
+2. ``cache_context(name, step_index=i)`` (diffusers' keyword): step ``i`` is used as
+   given, and ``i == 0`` starts a new generation;
+3. the timestep (option ``timestep_rule``, default ``"auto"``):
+
+   - readable without a device sync (a CPU tensor or a Python number): a generation's
+     timesteps are monotonic; the second call fixes the direction (descending for
+     sampling, ascending for DDIM inversion), and a timestep equal to the previous one
+     or one that turns back starts a new generation. ``repeated_timesteps=True``
+     (Heun-like schedulers that call the model twice per timestep) lets equal
+     timesteps continue the generation;
+   - on an accelerator (never read): the storage rule. Pipelines pass a view of the
+     scheduler's timestep tensor (``for t in timesteps``). The same storage with a
+     larger offset continues the generation; the same storage with an offset that
+     does not grow, or a view of another storage, starts a new one. A timestep that is
+     not a view (computed afresh at each call, e.g. ``t / 1000``) says nothing, and
+     the step count continues;
+   - ``"values"`` / ``"storage"`` force one of the two; ``"off"`` disables the rule.
+4. A plan that is not periodic (block caching, learned masks, non-uniform DeepCache)
+   covers ``num_steps`` steps; a call past its end is not wrapped to step 0: it warns
+   once and computes everything (the repair graph), which is always correct.
+
+**Threads.** The cache context and every generation state are per thread: two threads
+calling one ``CachedModel`` each get their own step count and buffers (the compiled
+graphs are shared). ``reset()`` resets the calling thread's states.
+
+**Autograd.** Step graphs are for inference. With grad mode on and no input requiring
+grad, a step runs under ``torch.no_grad()`` (the output does not require grad; nothing
+chains into the buffers). An input that requires grad raises
+:class:`UnsupportedCallError`: train on the original model. Buffers are never
+inference tensors (they are made outside ``torch.inference_mode``), so a generation
+under ``inference_mode`` does not poison later ``no_grad`` calls.
+
+**Module changes.** A submodule, parameter or buffer replaced after capture (peft
+``add_adapter``, ``set_attn_processor``, ``load_state_dict(assign=True)``, a new
+``nn.Parameter``, ``model.to(dtype)``) is seen, and the model is captured again:
+torch's global registration hooks bump a counter (one integer compare per step), and
+a fingerprint of module, processor and parameter identities is compared at the start
+of every generation and whenever the counter moved. In-place edits of weights need no
+recapture: the graphs read the parameters themselves.
+
+The per-step path does no logging and no device-to-host synchronisation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +83,18 @@ import torch.utils._pytree as pytree
 
 from .analyze.units import UnitSet, find_units
 from .capture import Captured, capture, flatten_call, signature_of
-from .errors import CheckpointError, UnitError
-from .plan import Plan
-from .rewrite.step_graphs import SolvedSteps, solve_steps
 from .dropin import DropIn
+from .errors import CheckpointError, FxcacheError
+from .plan import Plan
+from .rewrite.step_graphs import SolvedSteps, build_step_graph, solve_steps
 
-__all__ = ["CachedModel", "CompileOptions"]
+__all__ = ["CachedModel", "CompileOptions", "UnsupportedCallError"]
+
+TIMESTEP_RULES = ("auto", "values", "storage", "off")
+
+
+class UnsupportedCallError(FxcacheError, RuntimeError):
+    """A call that the cached graphs cannot honour (e.g. inputs that require grad)."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +111,45 @@ class CompileOptions:
     segments: bool | str = "auto"  # per-segment graphs when kinds of step > max_graphs
     max_graphs: int = 8
     scale_shift: object = None  # ScaleShift adapters or a path to their checkpoint
+    timestep_rule: str = "auto"  # see "When does a new generation start?"
+    repeated_timesteps: bool = False  # Heun-like schedulers: equal timesteps continue a generation
 
 
+# ------------------------------------------------------------ module changes
+# torch calls these global hooks whenever any module registers (or is assigned) a
+# parameter, buffer or submodule; the counter tells a CachedModel, for the price of one
+# integer compare per step, that its fingerprint may have changed.
+_MODULE_EPOCH = [0]
+
+
+def _bump(*_args):
+    _MODULE_EPOCH[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
+torch.nn.modules.module.register_module_module_registration_hook(_bump)
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    """Identities of everything the captured graph baked in: modules, their attention
+    processors, instance-level forward patches and forward hooks, parameters and buffers (object,
+    dtype, shape, device; not the storage: the graphs read each parameter object at
+    every call, so ``param.data = ...`` of the same kind, as offloading does, is seen
+    without capturing again). Reads no tensor values: no device sync."""
+    parts: list = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        d = m.__dict__
+        parts.append((name, id(m), type(m), id(d.get("processor")), id(d.get("forward")),
+                      len(m._forward_hooks), len(m._forward_pre_hooks)))
+        for pname, p in m._parameters.items():
+            parts.append((pname, None if p is None else (id(p), p.dtype, tuple(p.shape), p.device)))
+        for bname, b in m._buffers.items():
+            parts.append((bname, None if b is None else (id(b), b.dtype, tuple(b.shape), b.device)))
+    return tuple(parts)
+
+
+# ------------------------------------------------------------------- entries
 @dataclass
 class _Entry:
     """Everything built for one input-shape signature."""
@@ -70,15 +159,47 @@ class _Entry:
     plan: Plan
     solved: SolvedSteps
     programs: list  # per step kind: program(flat_inputs, buffers) -> flat outputs
-    timestep_index: int | None
     buffer_specs: dict  # (unit, k) -> (shape, stride, dtype)
+    kind_reads: list  # per step kind: slots it reads
+    kind_writes: list  # per step kind: slots it writes
+    kind_stale: list  # per step kind: slots of units it computes (their old values become stale)
+    repair_graph: Any  # StepGraph: everything computed, every slot written
+    repair_writes: frozenset
+    uid: int = 0
+    repair_program: Any = None  # compiled lazily, at the first step that needs it
 
 
 @dataclass
 class _State:
+    """One generation's state, per thread and cache context."""
+
     step: int = 0
-    last_t: float | None = None
-    buffers: dict = field(default_factory=dict)  # signature -> {(unit, k): tensor}
+    last_t: float | None = None  # the values rule
+    direction: int = 0  # +1 ascending, -1 descending, 0 not known yet
+    last_storage: tuple | None = None  # the storage rule: (storage pointer, offset)
+    new: bool = True  # no step run yet in this generation
+    signature: tuple | None = None  # the signature `valid` refers to
+    valid: set = field(default_factory=set)  # slots written in this generation (for `signature`)
+    buffers: dict = field(default_factory=dict)  # signature -> (entry uid, {(unit, k): tensor})
+
+    def new_generation(self) -> None:
+        self.step = 0
+        self.last_t = None
+        self.direction = 0
+        self.last_storage = None
+        self.new = True
+        self.valid = set()
+
+
+class _ThreadState(threading.local):
+    def __init__(self):
+        self.context: str | None = None
+        self.states: dict = {}
+
+
+def _slots(graph, units) -> frozenset:
+    units = set(units)
+    return frozenset(s for s in graph.buffers if s[0] in units)
 
 
 class CachedModel(DropIn):
@@ -88,11 +209,18 @@ class CachedModel(DropIn):
         super().__init__(model)
         self.schedule = schedule
         self.options = options or CompileOptions()
+        if self.options.timestep_rule not in TIMESTEP_RULES:
+            raise ValueError(f"timestep_rule must be one of {TIMESTEP_RULES}, got {self.options.timestep_rule!r}")
         self._entries: OrderedDict = OrderedDict()
-        self._states: dict = {}
-        self._context: str | None = None
+        self._local = _ThreadState()
+        self._lock = threading.RLock()
         self._last_entry: _Entry | None = None
         self._forward_params = list(inspect.signature(model.forward).parameters)
+        self._uid = 0
+        self._epoch = -1
+        self._fingerprint: tuple | None = None
+        self._warned_overrun = False
+        self._timestep_indices: dict = {}  # call structure (TreeSpec) -> flat index of the timestep
 
     # ------------------------------------------------------------ drop-in bits
     def __repr__(self) -> str:
@@ -112,12 +240,26 @@ class CachedModel(DropIn):
     def entries(self) -> list:
         return list(self._entries.values())
 
+    def cache_tensors(self) -> dict:
+        """The calling thread's cache buffers: ``{(context, signature): {(unit, k): tensor}}``."""
+        return {(ctx, sig): held[1] for ctx, st in self._local.states.items() for sig, held in st.buffers.items()}
+
     # ------------------------------------------------------------ generations
+    @property
+    def _states(self) -> dict:
+        """The calling thread's states, by cache context."""
+        return self._local.states
+
     def reset(self) -> None:
-        """Start a new generation in every cache context (buffers are kept, not cleared)."""
-        for state in self._states.values():
-            state.step = 0
-            state.last_t = None
+        """Start a new generation in every cache context of the calling thread (buffers
+        are kept, their contents are no longer read)."""
+        for state in self._local.states.values():
+            state.new_generation()
+
+    def _reset_stateful_cache(self, *args, **kwargs) -> None:
+        """diffusers' protocol: every pipeline calls this on its components at the end of
+        each call (``maybe_free_model_hooks``). The next call starts a new generation."""
+        self.reset()
 
     @contextlib.contextmanager
     def generation(self):
@@ -129,24 +271,35 @@ class CachedModel(DropIn):
             self.reset()
 
     @contextlib.contextmanager
-    def cache_context(self, name: str):
-        """Separate cache state (step count and buffers) per name, as diffusers' ``cache_context``."""
-        previous = self._context
-        self._context = name
+    def cache_context(self, name: str, step_index: int | None = None, **kwargs):
+        """Separate cache state (step count and buffers) per name, as diffusers'
+        ``cache_context``. ``step_index`` (diffusers passes it in some pipelines) is the
+        step the calls inside run; 0 starts a new generation. Other keywords are accepted
+        and ignored."""
+        local = self._local
+        previous = local.context
+        local.context = name
+        if step_index is not None:
+            state = self._state()
+            step_index = int(step_index)
+            if step_index == 0 or step_index < state.step:
+                state.new_generation()
+            state.step = step_index
         try:
             yield
         finally:
-            self._context = previous
+            local.context = previous
 
     def _state(self) -> _State:
-        state = self._states.get(self._context)
+        local = self._local
+        state = local.states.get(local.context)
         if state is None:
-            state = self._states[self._context] = _State()
+            state = local.states[local.context] = _State()
         return state
 
     @property
     def step(self) -> int:
-        """The step the next call runs (in the current cache context)."""
+        """The step the next call runs (in the calling thread's current cache context)."""
         return self._state().step
 
     # ------------------------------------------------------------------ build
@@ -177,7 +330,8 @@ class CachedModel(DropIn):
         units = find_units(captured.gm)
         plan = _lower_to_plan(self.schedule, units, self.options.num_steps)
         adapters = self._adapters(captured, units, plan)
-        solved = solve_steps(captured.gm, [u for u in units if u.name in set(plan.units)], plan, adapters)
+        plan_units = [u for u in units if u.name in set(plan.units)]
+        solved = solve_steps(captured.gm, plan_units, plan, adapters)
         plan._bind(solved.kind_of_step, solved.step_kinds)
         if self.options.fuse:
             from .rewrite.fuse import fuse_cache_reads
@@ -188,33 +342,37 @@ class CachedModel(DropIn):
 
         device = next((v.device for v in captured.gm.graph.find_nodes(op="placeholder")
                        for v in [v.meta.get("val")] if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        programs, count, note = build_programs(
-            captured.gm, [u for u in units if u.name in set(plan.units)], solved, self.options, device, adapters
-        )
+        programs, count, note = build_programs(captured.gm, plan_units, solved, self.options, device, adapters)
         plan.compiled_graphs = count if self.options.backend is not None else 0
         plan.compile_note = note
+        # the repair graph: every unit computed, every slot some kind reads written
+        read_units = sorted({u for g in solved.graphs for u in g.reads}, key=list(plan.units).index)
+        repair = build_step_graph(captured.gm, plan_units, (), read_units, adapters)
         specs = {}
         by_name = units.by_name()
-        for g in solved.graphs:
+        nodes = {n.name: n for n in captured.gm.graph.nodes}
+        for g in (*solved.graphs, repair):
             for slot in g.buffers:
-                node_name = by_name[slot[0]].outputs[slot[1]]
-                val = next(n for n in captured.gm.graph.nodes if n.name == node_name).meta["val"]
+                val = nodes[by_name[slot[0]].outputs[slot[1]]].meta["val"]
                 specs[slot] = (tuple(val.shape), tuple(val.stride()), val.dtype)
-        norm_args, norm_kwargs = args, kwargs
+        self._uid += 1
         entry = _Entry(
             captured=captured,
             units=units,
             plan=plan,
             solved=solved,
             programs=programs,
-            timestep_index=self._timestep_index(norm_args, norm_kwargs),
             buffer_specs=specs,
+            kind_reads=[_slots(g, g.reads) for g in solved.graphs],
+            kind_writes=[_slots(g, g.writes) for g in solved.graphs],
+            kind_stale=[frozenset(s for s in specs if s[0] not in g.reused) for g in solved.graphs],
+            repair_graph=repair,
+            repair_writes=_slots(repair, repair.writes),
+            uid=self._uid,
         )
         self._entries[signature] = entry
         while len(self._entries) > self.options.max_shapes:
-            old_sig, _ = self._entries.popitem(last=False)
-            for state in self._states.values():
-                state.buffers.pop(old_sig, None)
+            self._entries.popitem(last=False)  # its buffers are dropped when a state meets the signature again
         return entry
 
     def _adapters(self, captured: Captured, units: UnitSet, plan: Plan):
@@ -241,44 +399,138 @@ class CachedModel(DropIn):
         return adapter, temb_output(captured.gm, adapter.temb_module)
 
     def _cache_buffers(self, state: _State, signature: tuple, entry: _Entry, device: torch.device) -> dict:
-        bufs = state.buffers.get(signature)
-        if bufs is None:
-            bufs = {}
+        held = state.buffers.get(signature)
+        if held is not None and held[0] == entry.uid:
+            return held[1]
+        bufs = {}
+        # never inference tensors (a generation under inference_mode must not poison later
+        # no_grad calls) and never part of an autograd graph
+        with torch.inference_mode(False), torch.no_grad():
             for slot, (shape, stride, dtype) in entry.buffer_specs.items():
                 # same strides as the value the model produces: kernels downstream of a
                 # cache read then see exactly the layout they see in the model
-                bufs[slot] = torch.zeros_like(torch.empty_strided(shape, stride, dtype=dtype, device=device))
+                bufs[slot] = torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
                 if device.type == "cuda":
                     torch._dynamo.mark_static_address(bufs[slot])
-            state.buffers[signature] = bufs
+        state.buffers[signature] = (entry.uid, bufs)
+        if state.signature == signature:
+            state.valid = set()
         return bufs
+
+    # ------------------------------------------------------------ the checks
+    def _check_modules(self, force: bool) -> None:
+        """Capture again when a module, processor or parameter was replaced since capture."""
+        if not force and _MODULE_EPOCH[0] == self._epoch:
+            return
+        self._epoch = _MODULE_EPOCH[0]
+        fp = _fingerprint(self.model)
+        if self._fingerprint is not None and fp != self._fingerprint:
+            with self._lock:
+                self._entries.clear()
+                self._last_entry = None
+        self._fingerprint = fp
+
+    def _timestep_rule(self, state: _State, t) -> None:
+        """Rule 3 of "When does a new generation start?"."""
+        rule = self.options.timestep_rule
+        if rule == "off" or not isinstance(t, torch.Tensor):
+            return
+        if rule == "values" or (rule == "auto" and t.device.type == "cpu"):
+            value = float(t.reshape(-1)[0]) if t.numel() else None
+            if value is None:
+                return
+            if state.last_t is not None:
+                d = (value > state.last_t) - (value < state.last_t)
+                if d == 0 and not self.options.repeated_timesteps:
+                    state.new_generation()
+                elif d != 0 and state.direction == 0:
+                    state.direction = d
+                elif d != 0 and d != state.direction:
+                    state.new_generation()
+            state.last_t = value
+            return
+        # the storage rule: no value read
+        storage = t.untyped_storage()
+        is_view = t._base is not None or storage.nbytes() > t.numel() * t.element_size()
+        if not is_view:
+            return  # computed afresh at this call: says nothing
+        key = (storage.data_ptr(), t.storage_offset())
+        last = state.last_storage
+        if last is not None:
+            if key[0] != last[0]:
+                state.new_generation()
+            elif key[1] < last[1] or (key[1] == last[1] and not self.options.repeated_timesteps):
+                state.new_generation()
+        state.last_storage = key
 
     # -------------------------------------------------------------------- run
     def forward(self, *args, **kwargs) -> Any:
         flat, spec = flatten_call(self.model, args, kwargs)
-        signature = signature_of(flat, spec)
-        entry = self._entries.get(signature)
-        if entry is None:
-            args_n, kwargs_n = pytree.tree_unflatten(flat, spec)
-            entry = self._build(args_n, kwargs_n, signature)
-        else:
-            self._entries.move_to_end(signature)
-        self._last_entry = entry
         state = self._state()
-        plan = entry.plan
-        if entry.timestep_index is not None:
-            t = flat[entry.timestep_index]
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                value = float(t.reshape(-1)[0])
-                if state.last_t is not None and value > state.last_t:
-                    state.step = 0
-                state.last_t = value
-        if not plan.periodic and state.step >= plan.num_steps:
-            state.step = 0
-        step = state.step
-        kind = plan.kind_of_step(step)
+        ti = self._timestep_indices.get(spec, -1)
+        if ti == -1:
+            ti = self._timestep_indices[spec] = self._timestep_index(*pytree.tree_unflatten(flat, spec))
+        if ti is not None:
+            self._timestep_rule(state, flat[ti])
+        self._check_modules(force=state.new)
+        signature = signature_of(flat, spec)
+        with self._lock:
+            entry = self._entries.get(signature)
+            if entry is None:
+                args_n, kwargs_n = pytree.tree_unflatten(flat, spec)
+                entry = self._build(args_n, kwargs_n, signature)
+            else:
+                self._entries.move_to_end(signature)
+            self._last_entry = entry
+        if torch.is_grad_enabled():
+            if any(isinstance(x, torch.Tensor) and x.requires_grad for x in flat):
+                raise UnsupportedCallError(
+                    f"an input of {type(self.model).__name__} requires grad; fxcache's step graphs are for "
+                    f"inference and would neither give gradients through cached values nor keep the caches "
+                    f"out of the autograd graph. Train or differentiate the original model (cached.model)"
+                )
+            grad_ctx = torch.no_grad()
+        else:
+            grad_ctx = contextlib.nullcontext()
         device = next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
         bufs = self._cache_buffers(state, signature, entry, device)
-        out = entry.programs[kind](flat, bufs)
+        if state.signature != signature:
+            state.signature = signature
+            state.valid = set()
+        plan = entry.plan
+        step = state.step
+        if not plan.periodic and step >= plan.num_steps:
+            kind = None
+            if not self._warned_overrun:
+                self._warned_overrun = True
+                warnings.warn(
+                    f"this generation is longer than the plan of {type(self.model).__name__} ({plan.num_steps} "
+                    f"steps): steps from {plan.num_steps} on compute everything. If a new generation started, "
+                    f"say so with model.reset() or `with model.generation():` (pipelines do it for you)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        else:
+            kind = plan.kind_of_step(step)
+            if not entry.kind_reads[kind] <= state.valid:
+                kind = None  # a slot it reads was not written in this generation: repair
+        with grad_ctx:
+            if kind is None:
+                out = self._repair_program(entry)(flat, bufs)
+                state.valid = set(entry.repair_writes)
+            else:
+                out = entry.programs[kind](flat, bufs)
+                valid = state.valid
+                valid -= entry.kind_stale[kind]
+                valid |= entry.kind_writes[kind]
         state.step = step + 1
+        state.new = False
         return pytree.tree_unflatten(list(out), entry.captured.out_spec)
+
+    def _repair_program(self, entry: _Entry):
+        if entry.repair_program is None:
+            from .rewrite.compile import _KindProgram, compile_graph
+
+            g = entry.repair_graph
+            entry.repair_program = _KindProgram(compile_graph(g.gm, self.options), g.buffers)
+        return entry.repair_program
