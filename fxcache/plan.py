@@ -18,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from .errors import FxcacheError
+
 __all__ = ["UnitInfo", "Plan", "PlanError", "StepKind"]
 
 
-class PlanError(ValueError):
+class PlanError(FxcacheError, ValueError):
     """A plan that cannot be executed: its message names the step and the unit."""
 
 

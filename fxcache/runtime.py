@@ -65,6 +65,9 @@ a fingerprint of module, processor and parameter identities is compared at the s
 of every generation and whenever the counter moved. In-place edits of weights need no
 recapture: the graphs read the parameters themselves.
 
+**Training mode.** Capture is in eval mode; a model left in training mode runs the
+eval-mode graph and warns once.
+
 The per-step path does no logging and no device-to-host synchronisation.
 """
 
@@ -220,6 +223,7 @@ class CachedModel(DropIn):
         self._epoch = -1
         self._fingerprint: tuple | None = None
         self._warned_overrun = False
+        self._warned_training = False
         self._timestep_indices: dict = {}  # call structure (TreeSpec) -> flat index of the timestep
 
     # ------------------------------------------------------------ drop-in bits
@@ -465,6 +469,14 @@ class CachedModel(DropIn):
 
     # -------------------------------------------------------------------- run
     def forward(self, *args, **kwargs) -> Any:
+        if self.model.training and not self._warned_training:
+            self._warned_training = True
+            warnings.warn(
+                f"{type(self.model).__name__} is in training mode, but fxcache captures and runs the eval-mode "
+                f"graph (no dropout, no label dropout): call model.eval(), or train the original model",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         flat, spec = flatten_call(self.model, args, kwargs)
         state = self._state()
         ti = self._timestep_indices.get(spec, -1)

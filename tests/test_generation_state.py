@@ -466,3 +466,17 @@ def test_forward_hook_added_after_capture_is_seen():
         handle.remove()
         cm.reset()
         assert torch.equal(cm(x, torch.tensor([900]))[0], model(x, torch.tensor([900]))[0])
+
+
+def test_plan_error_is_an_fxcache_error():
+    assert issubclass(fxcache.PlanError, fxcache.FxcacheError)
+
+
+def test_training_mode_warns_once():
+    model = _toy().train()
+    cm = fxcache.compile(model, TOY_MASK, **EAGER)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in (900, 800):
+            cm(torch.randn(1, 4, 8), torch.tensor([t]))
+    assert len([w for w in caught if "training mode" in str(w.message)]) == 1
