@@ -16,6 +16,14 @@ class DropIn(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    def state_dict(self, *args, **kwargs):
+        """The wrapped model's own keys (no ``model.`` prefix): a drop-in's checkpoint
+        loads into the plain model and back."""
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)

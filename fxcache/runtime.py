@@ -227,6 +227,27 @@ class CachedModel(DropIn):
         self._timestep_indices: dict = {}  # call structure (TreeSpec) -> flat index of the timestep
 
     # ------------------------------------------------------------ drop-in bits
+    _TRANSIENT = ("_entries", "_local", "_lock", "_last_entry", "_fingerprint", "_epoch", "_timestep_indices")
+
+    def __getstate__(self):
+        """Pickling (``pickle``, ``torch.save``, ``copy.deepcopy``) keeps the model, the
+        schedule and the options; compiled graphs, buffers and generation states are
+        dropped and rebuilt at the first call after unpickling."""
+        state = dict(self.__dict__)
+        for name in self._TRANSIENT:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._entries = OrderedDict()
+        self._local = _ThreadState()
+        self._lock = threading.RLock()
+        self._last_entry = None
+        self._fingerprint = None
+        self._epoch = -1
+        self._timestep_indices = {}
+
     def __repr__(self) -> str:
         return f"CachedModel({type(self.model).__name__}, {self.schedule!r})"
 

@@ -480,3 +480,46 @@ def test_training_mode_warns_once():
         for t in (900, 800):
             cm(torch.randn(1, 4, 8), torch.tensor([t]))
     assert len([w for w in caught if "training mode" in str(w.message)]) == 1
+
+
+def test_pickle_and_deepcopy_drop_graphs_and_state():
+    import copy
+    import io
+
+    model = _toy()
+    cm = fxcache.compile(model, TOY_MASK, **EAGER)
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        cm(x, torch.tensor([900]))
+        cm(x, torch.tensor([800]))
+        for clone in (copy.deepcopy(cm), _roundtrip(cm)):
+            assert clone.entries == [] and clone.step == 0
+            for t in (900, 800, 700):
+                assert torch.equal(clone(x, torch.tensor([t]))[0], _fresh(model, x, t, (900, 800, 700)))
+
+
+def _roundtrip(cm):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(cm, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _fresh(model, x, t, ts):
+    cm = fxcache.compile(model, TOY_MASK, **EAGER)
+    for s in ts:
+        out = cm(x, torch.tensor([s]))[0]
+        if s == t:
+            return out
+
+
+def test_state_dict_has_the_model_keys_both_ways():
+    model = _toy()
+    cm = fxcache.compile(model, TOY_MASK, **EAGER)
+    assert list(cm.state_dict()) == list(model.state_dict())
+    other = _toy(seed=1)
+    other.load_state_dict(cm.state_dict())
+    cm.load_state_dict({k: v * 2 for k, v in other.state_dict().items()})
+    assert torch.equal(model.transformer_blocks[0].weight, 2 * other.transformer_blocks[0].weight)
