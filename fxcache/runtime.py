@@ -227,6 +227,17 @@ class CachedModel(DropIn):
         self._timestep_indices: dict = {}  # call structure (TreeSpec) -> flat index of the timestep
 
     # ------------------------------------------------------------ drop-in bits
+    # ``torch.compile(cached)`` (every torch user's habit) is a pass-through: dynamo is
+    # disabled for the call itself, whose Python bookkeeping is not a graph, and the step
+    # graphs inside are fxcache's own compiled graphs (they still compile: a nested
+    # torch.compile runs inside a disabled region). 0 graph breaks, 0 extra graphs.
+    __call__ = torch.compiler.disable(torch.nn.Module.__call__)
+
+    def compile(self, *args, **kwargs) -> None:
+        """``nn.Module.compile()`` in place: a no-op, the step graphs are compiled already
+        (choose their backend with ``fxcache.compile(..., backend=...)``)."""
+        return None
+
     _TRANSIENT = ("_entries", "_local", "_lock", "_last_entry", "_fingerprint", "_epoch", "_timestep_indices")
 
     def __getstate__(self):

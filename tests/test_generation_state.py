@@ -523,3 +523,21 @@ def test_state_dict_has_the_model_keys_both_ways():
     other.load_state_dict(cm.state_dict())
     cm.load_state_dict({k: v * 2 for k, v in other.state_dict().items()})
     assert torch.equal(model.transformer_blocks[0].weight, 2 * other.transformer_blocks[0].weight)
+
+
+def test_torch_compile_of_a_cached_model_is_a_pass_through():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _toy()
+    cm = fxcache.compile(model, TOY_MASK, backend="eager")
+    ref = fxcache.compile(model, TOY_MASK, **EAGER)
+    outer = torch.compile(cm, backend="eager")
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        for t in (900, 800, 700, 600):
+            assert torch.equal(outer(x, torch.tensor([t]))[0], ref(x, torch.tensor([t]))[0])
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == len(cm.plan.step_kinds)  # fxcache's own graphs only
+    cm.compile()  # nn.Module.compile in place: a no-op
