@@ -7,7 +7,7 @@ The stages, in order: capture (``fxcache.capture``) → analyze (``fxcache.analy
 → compile → run (``fxcache.runtime.CachedModel``).
 """
 
-from .api import attach, compile, plan_for, units
+from .api import attach, compile, detach, disable, enable, plan_for, units
 from .errors import CaptureError, CheckpointError, FxcacheError, UnitError, UnsupportedModelError
 from .plan import Plan, PlanError, UnitInfo
 from .runtime import CachedModel
@@ -22,6 +22,9 @@ __all__ = [
     "units",
     "plan_for",
     "attach",
+    "enable",
+    "disable",
+    "detach",
     "CachedModel",
     "Plan",
     "UnitInfo",

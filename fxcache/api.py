@@ -4,6 +4,7 @@ input shapes are known; a new input shape captures and plans again."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Sequence
 
@@ -15,7 +16,7 @@ from .errors import UnitError
 from .plan import Plan, PlanError
 from .runtime import CachedModel, CompileOptions
 
-__all__ = ["compile", "units", "plan_for", "attach"]
+__all__ = ["compile", "units", "plan_for", "attach", "enable", "disable", "detach"]
 
 
 def _lower_to_plan(schedule, unitset: UnitSet, num_steps: int | None) -> Plan:
@@ -125,9 +126,37 @@ def plan_for(model: torch.nn.Module, schedule, *example_args, num_steps: int | N
 _DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder")
 
 
+def _is_pipeline(obj) -> bool:
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return isinstance(obj, DiffusionPipeline)
+
+
+def _cached_components(pipe) -> dict:
+    return {name: comp for name, comp in pipe.components.items() if isinstance(comp, CachedModel)}
+
+
+@contextlib.contextmanager
+def _originals(pipe):
+    """Every cached component of ``pipe`` replaced by its original model (the pipeline's
+    config records the original class while inside), then put back."""
+    cached = _cached_components(pipe)
+    for name, comp in cached.items():
+        setattr(pipe, name, comp.model)
+    try:
+        yield
+    finally:
+        for name, comp in cached.items():
+            setattr(pipe, name, comp)
+
+
 def attach(pipe, schedule=None, *, denoiser: str | None = None, **compile_kwargs):
     """Put a cached denoiser into a diffusers pipeline and start a new generation at
-    every call of the pipeline. ``schedule=None`` keeps an already cached denoiser."""
+    every call of the pipeline. ``schedule=None`` keeps an already cached denoiser.
+    ``pipe.save_pretrained`` then writes the original denoiser (a pipeline that loads
+    without fxcache); :func:`disable` restores the original component and class."""
     name = denoiser or next((a for a in _DENOISER_ATTRS if getattr(pipe, a, None) is not None), None)
     if name is None:
         raise UnitError(
@@ -146,6 +175,7 @@ def attach(pipe, schedule=None, *, denoiser: str | None = None, **compile_kwargs
     cls = type(pipe)
     if not getattr(cls, "_fxcache_attached", False):
         original_call = cls.__call__
+        original_save = cls.save_pretrained
 
         @functools.wraps(original_call)
         def __call__(self, *args, **kwargs):
@@ -155,7 +185,71 @@ def attach(pipe, schedule=None, *, denoiser: str | None = None, **compile_kwargs
                     return original_call(self, *args, **kwargs)
             return original_call(self, *args, **kwargs)
 
-        sub = type(cls.__name__, (cls,), {"__call__": __call__, "_fxcache_attached": True})
+        @functools.wraps(original_save)
+        def save_pretrained(self, *args, **kwargs):
+            with _originals(self):
+                return original_save(self, *args, **kwargs)
+
+        sub = type(
+            cls.__name__,
+            (cls,),
+            {"__call__": __call__, "save_pretrained": save_pretrained, "_fxcache_attached": True,
+             "_fxcache_original_class": cls, "__module__": cls.__module__},
+        )
         pipe.__class__ = sub
     pipe._fxcache_denoiser = name
     return pipe
+
+
+def enable(target, schedule, *, denoiser: str | None = None, **options):
+    """diffusers-style entry point (as ``CacheMixin.enable_cache``).
+
+    A pipeline: its denoiser (``unet``/``transformer``/..., or ``denoiser=``) is cached,
+    every pipeline call is a fresh generation, ``save_pretrained`` writes the original
+    model; returns the pipeline. A model: returns ``fxcache.compile(model, schedule,
+    **options)``. Undo with :func:`disable`."""
+    if _is_pipeline(target):
+        return attach(target, schedule, denoiser=denoiser, **options)
+    if isinstance(target, CachedModel):
+        target = target.model
+    return compile(target, schedule, **options)
+
+
+def disable(target):
+    """Undo :func:`enable` / :func:`attach` / :func:`compile`: a pipeline gets its
+    original components and class back (returned); a ``CachedModel`` gives its original
+    model; anything else is returned as it is."""
+    if isinstance(target, CachedModel):
+        return target.model
+    if _is_pipeline(target):
+        for name, comp in _cached_components(target).items():
+            setattr(target, name, comp.model)
+        original = getattr(type(target), "_fxcache_original_class", None)
+        if original is not None:
+            target.__class__ = original
+            target.__dict__.pop("_fxcache_denoiser", None)
+        return target
+    return target
+
+
+detach = disable
+
+
+def _register_with_diffusers() -> None:
+    """Make ``pipe.save_pretrained`` save a ``CachedModel`` component that was assigned
+    directly (``pipe.unet = fxcache.compile(...)``): diffusers saves components through
+    its registry of libraries; fxcache registers ``CachedModel``, whose
+    ``save_pretrained`` writes the original model and whose ``from_pretrained`` loads it
+    back (uncached). The pipeline's ``model_index.json`` then names ``fxcache``, so
+    loading it needs ``import fxcache`` first; :func:`enable` / :func:`attach` save a
+    pipeline that names the original class and loads without fxcache."""
+    try:
+        from diffusers.pipelines import pipeline_loading_utils as plu
+    except ImportError:  # pragma: no cover
+        return
+    entry = {"CachedModel": ["save_pretrained", "from_pretrained"]}
+    plu.LOADABLE_CLASSES.setdefault("fxcache", entry)
+    plu.ALL_IMPORTABLE_CLASSES.update(entry)
+
+
+_register_with_diffusers()

@@ -259,6 +259,32 @@ class CachedModel(DropIn):
         self._epoch = -1
         self._timestep_indices = {}
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save the original model (diffusers' ``ModelMixin.save_pretrained``): caching is
+        a way of running a model, not part of it."""
+        return self.model.save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        """Load what :meth:`save_pretrained` wrote: the original diffusers model, uncached
+        (``DiffusionPipeline.from_pretrained`` calls this for a component saved as
+        ``["fxcache", "CachedModel"]``)."""
+        import json
+        import os
+
+        import diffusers
+
+        config = os.path.join(os.fspath(path), "config.json")
+        try:
+            with open(config) as f:
+                class_name = json.load(f)["_class_name"]
+            model_cls = getattr(diffusers, class_name)
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{config}: cannot tell which diffusers model class was saved there ({type(exc).__name__}: {exc})"
+            ) from exc
+        return model_cls.from_pretrained(path, *args, **kwargs)
+
     def __repr__(self) -> str:
         return f"CachedModel({type(self.model).__name__}, {self.schedule!r})"
 
