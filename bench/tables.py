@@ -1,46 +1,20 @@
 """The four papers' main tables in miniature, on the embedded 16x16 digit models.
 
-    python bench/tables.py [--table 1|2|3|4|all] [--samples N] [--steps T] [--quick]
+    python bench/tables.py [--table 1|2|3|4|all] [--samples N] [--steps T] [--quick] [--allow-dirty]
+    python bench/tables.py --render [--plot]        # rewrite the Markdown from the JSON
 
-1. DeepCache on the U-Net: uniform 1:N for N = 2, 3, 5, 10 and one non-uniform 1:N,
-   against plain DDIM with fewer steps at about the same FLOPs.
-2. FORA on the DiT: N = 2, 3, 5, 7, the same columns plus class accuracy, against
-   fewer steps.
-3. Block caching on both models: thresholds δ from a profile over three seeds, without
-   and with scale-shift adapters (short training, time reported), against fewer steps.
-4. Learned timestep-aware block masks on the DiT (λ1 > λ2), against FORA at about the
-   same planned FLOPs.
+1. DeepCache on the U-Net against plain DDIM with fewer steps at about the same FLOPs;
+2. FORA on the DiT, the same comparison plus class accuracy;
+3. block caching on both models, without and with scale-shift adapters;
+4. learned timestep-aware block masks on the DiT against FORA at about the same FLOPs.
 
-Every figure in the output comes from the run that wrote it: each table goes to
-``bench/results/table{n}.md`` (Markdown, also printed) and ``table{n}.json`` (raw
-numbers, including every :class:`fxcache.bench.SpeedReport`). ``--quick`` is a smoke
-test (few samples and steps) writing to a temporary folder unless ``--out`` is given.
-
-How the figures are made
-------------------------
-* **Quality**: ``--samples`` images (default 1024, the sample count fxcache.metrics recommends
-  for figures of record; 256 is about four times cheaper and four to six times noisier) from
-  ``fxcache.models.generate`` (DDIM,
-  eta 0) with seed ``--seed``: every row starts from the same initial noise, so the
-  rows' differences are paired. FID = :func:`fxcache.metrics.fid_digits` (classifier
-  features, vs all 1797 real digits); SQNR/PSNR of the final samples against the
-  uncached run with the same seed and the same number of steps as the table's
-  reference; for the DiT the class labels cycle 0-9 and class accuracy is
-  :func:`fxcache.metrics.class_accuracy`.
-* **Speed**: :func:`fxcache.bench.measure_speedup` with ``backend=None`` (the rewritten
-  FX graphs run eagerly, no inductor) on generations of ``--speed-samples`` images,
-  ``--repeats`` interleaved pairs, ``torch.set_num_threads(--threads)``; its three
-  figures are reported (FLOP-ideal, predicted from step kinds, measured end to end).
-  Plain DDIM with fewer steps is timed against the full-step generation the same way
-  (whole generations interleaved, :func:`fxcache.bench.interleaved_times`, median of
-  the per-pair ratios); its FLOP-ideal speed-up is ``T / T'``.
-* **Matched cost**: "fewer steps at about the same cost" uses ``T' = round(T / ideal)``
-  with ``ideal`` the FLOP-ideal speed-up of the cached row; FORA for a learned mask is
-  the interval whose planned FLOPs over the ``T`` steps are closest (in ratio) to the
-  mask's.
-* **FID spread**: from the docstring of :mod:`fxcache.metrics` when it holds a line for
-  this model, sample count and step count; otherwise measured here (the uncached model
-  at two more seeds).
+Each table goes to ``bench/results/table{n}.json`` (every figure, stamped with the commit
+that produced it) and ``table{n}.md`` (rendered from the JSON, then a discussion written
+by hand, which this driver keeps when it rewrites the file). How the figures are made,
+what each column means and how results are stamped: ``bench/results/README.md``.
+A measuring run refuses to start from a tree whose fxcache/, bench/ or scripts/ differ
+from HEAD unless ``--allow-dirty`` (recorded in the results); ``--quick`` is a smoke test
+(few samples and steps, "not a result") writing to a temporary folder unless ``--out``.
 """
 
 from __future__ import annotations
@@ -52,7 +26,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,9 +37,10 @@ import numpy as np
 import torch
 
 import fxcache
-import fxcache.metrics as fxmetrics
-from fxcache.bench import interleaved_times, measure_speedup
-from fxcache.metrics import class_accuracy, fid_digits, psnr, sqnr
+import fxcache.evaluation.metrics as fxmetrics
+from fxcache.evaluation.metrics import class_accuracy, fid_digits, psnr, sqnr
+from fxcache.evaluation.provenance import ProvenanceError, source_stamp
+from fxcache.evaluation.speed import interleaved_times, measure_speedup
 from fxcache.models import generate, load
 from fxcache.runtime import CachedModel
 
@@ -110,6 +84,7 @@ class Config:
     quick: bool = False
     out: Path = RESULTS
     command: str = ""
+    source: dict | None = None  # fxcache.evaluation.provenance.source_stamp of the code that runs
 
     def steps_for(self, table: int) -> int:
         return self.steps if self.steps is not None else DEFAULT_STEPS[table]
@@ -198,7 +173,7 @@ def speed_fewer(model, name: str, steps: int, fewer: int, cfg: Config) -> dict:
 
 
 def docstring_spread(name: str, n: int, steps: int) -> dict | None:
-    """The run-to-run FID spread recorded in fxcache.metrics' docstring, if it has a
+    """The run-to-run FID spread recorded in fxcache.evaluation.metrics' docstring, if it has a
     line for this model, sample count and number of steps."""
     doc = fxmetrics.__doc__ or ""
     pat = re.compile(
@@ -211,7 +186,7 @@ def docstring_spread(name: str, n: int, steps: int) -> dict | None:
         return None
     floor = re.search(rf"^\* {n} random real digits vs all 1797 real .*$", doc, re.M)
     return {
-        "source": "fxcache.metrics docstring (python -m fxcache.metrics --spread)",
+        "source": "fxcache.evaluation.metrics docstring (python -m fxcache.evaluation.metrics --spread)",
         "seeds": [int(s) for s in m.group(1).split(",")],
         "fid": [float(x) for x in m.group(2).split(",")],
         "mean": float(m.group(3)),
@@ -239,15 +214,6 @@ def fid_spread(model, name: str, steps: int, cfg: Config, fid_seed0: float) -> d
         "line": None,
         "floor_line": None,
     }
-
-
-def git_state() -> str:
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:  # pragma: no cover - not a checkout
-        return "unknown"
 
 
 def _clean(x):
@@ -392,6 +358,26 @@ def md_spread(spread: dict, name: str) -> str:
     return s
 
 
+def md_code(data: dict) -> str:
+    """Which code produced the figures: the stamp of the run (or, for results written
+    before stamping, what ``git describe`` said, with why it is not to be trusted)."""
+    src = data.get("source")
+    if src is None:
+        return (f"`git describe --dirty` gave `{data['git']}` (written before results were stamped with the "
+                f"producing commit; that command ignores untracked files, so the code that ran may be newer)")
+    folders = ", ".join(f"{w}/" for w in src["watched"])
+    if src.get("excluded"):
+        folders += " outside " + ", ".join(f"{e}/" for e in src["excluded"])
+    if src["commit"] is None:
+        return f"no commit (not a git checkout; written with --allow-dirty: {src.get('note', '')})"
+    if not src["dirty"]:
+        return f"commit `{src['commit']}` (no changes under {folders})"
+    shown = ", ".join(f"{d['path']} ({d['change']})" for d in src["dirty"][:5])
+    more = f" and {len(src['dirty']) - 5} more" if len(src["dirty"]) > 5 else ""
+    return (f"commit `{src['commit']}` **plus uncommitted changes** (written with --allow-dirty): "
+            f"{shown}{more}")
+
+
 def md_header(data: dict) -> str:
     cfg, steps = data["config"], data["steps"]
     ph = ", ".join(f"{k} {v:.0f} s" for k, v in data["phases_s"].items())
@@ -399,19 +385,14 @@ def md_header(data: dict) -> str:
         f"# Table {data['table']}: {data['title']}",
         "",
         f"- Command: `{cfg['command']}`" + (" (quick smoke test: not a result)" if cfg["quick"] else ""),
-        f"- Code: fxcache at `{data['git']}`; torch {data['torch']}; Python {data['python']}; "
+        f"- Code: {md_code(data)}; torch {data['torch']}; Python {data['python']}; "
         f"{data['cpus']} CPU cores (shared with other jobs); `torch.set_num_threads({cfg['threads']})`.",
-        f"- Quality: {cfg['samples']} samples per row, DDIM {steps} steps for the reference and the cached rows "
-        f"(trailing spacing, eta 0), seed {cfg['seed']} for every row (same initial noise, so differences between "
-        f"rows are paired). FID: `fxcache.metrics.fid_digits` (embedded classifier's 64-d features vs all 1797 "
-        f"real digits); SQNR/PSNR: final samples vs the uncached {steps}-step run from the same noise.",
-        f"- Speed: `fxcache.bench.measure_speedup(..., backend=None)`, i.e. eager (the rewritten FX graphs, no "
-        f"inductor), {cfg['speed_samples']} samples per generation, {cfg['repeats']} interleaved pairs, median "
-        f"(min-max) of per-pair ratios; 'predicted' = steps x full-step time / sum of per-step-kind times (step kinds "
-        f"timed alone); 'graph/module' = speed of the uncached captured FX graph over the `nn.Module` (both eager, "
-        f"one step timed alone): the part of 'predicted' and 'measured' that comes from running a flat graph "
-        f"instead of the module's Python, not from caching. Fewer-step rows: whole {steps}-step vs T'-step "
-        f"generations of the plain model interleaved the same way; their FLOP-ideal is {steps}/T'. Only ratios "
+        f"- Quality: {cfg['samples']} samples per row, DDIM {steps} steps (trailing spacing, eta 0), seed "
+        f"{cfg['seed']} for every row (paired); FID, SQNR and PSNR against the uncached {steps}-step run, as "
+        f"defined in [README.md](README.md#quality).",
+        f"- Speed: eager (`backend=None`), {cfg['speed_samples']} samples per generation, {cfg['repeats']} "
+        f"interleaved pairs, median (min-max) of per-pair ratios; fewer-step rows: {steps}-step vs T'-step "
+        f"generations, FLOP-ideal {steps}/T'; columns defined in [README.md](README.md#speed). Only ratios "
         f"within this process mean anything.",
         f"- Wall time of this table: {data['wall_s']:.0f} s ({ph}).",
     ])
@@ -419,19 +400,46 @@ def md_header(data: dict) -> str:
 
 def meta(n: int, title: str, cfg: Config, steps: int) -> dict:
     """What every table's JSON records about the run (the Markdown is rendered from it)."""
-    return {"table": n, "title": title, "command": cfg.command, "config": vars(cfg), "steps": steps,
-            "git": git_state(), "torch": torch.__version__, "python": platform.python_version(),
+    config = {k: v for k, v in vars(cfg).items() if k != "source"}
+    return {"table": n, "title": title, "command": cfg.command, "config": config, "steps": steps,
+            "source": cfg.source, "torch": torch.__version__, "python": platform.python_version(),
             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+#: Separates the rendered part of a results file from the discussion written by hand
+#: after reading it (invisible in rendered Markdown).
+DISCUSSION_MARK = ("<!-- Everything below this line is written by hand after reading the figures above; "
+                   "bench/tables.py keeps it when it rewrites this file. -->")
+_NO_DISCUSSION = ("### Discussion\n\n(not written yet: compare these figures with the paper's and say why they "
+                  "differ)")
+
+
+def discussion(path: Path) -> str | None:
+    """The hand-written discussion of a results file, or None if it has none yet."""
+    if not path.exists():
+        return None
+    text = path.read_text()
+    i = text.find(DISCUSSION_MARK)
+    return text[i + len(DISCUSSION_MARK):].strip("\n") if i >= 0 else None
+
+
+def write_markdown(n: int, data: dict, out: Path) -> str:
+    """Render table{n}.md from its data, keeping the discussion already in the file."""
+    path = out / f"table{n}.md"
+    kept = discussion(path)
+    md = f"{RENDER[n](data)}\n\n{DISCUSSION_MARK}\n\n{kept or _NO_DISCUSSION}\n"
+    path.write_text(md)
+    return md
 
 
 def write(n: int, data: dict, out: Path) -> None:
     data = _clean(data)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"table{n}.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    md = RENDER[n](_unclean(data))
-    (out / f"table{n}.md").write_text(md + "\n")
-    print(md, flush=True)
-    log(f"wrote {out / f'table{n}.md'} and table{n}.json")
+    had_discussion = discussion(out / f"table{n}.md") is not None
+    print(write_markdown(n, _unclean(data), out), flush=True)
+    log(f"wrote {out / f'table{n}.md'} and table{n}.json"
+        + ("; it keeps the hand-written discussion: reread it against the new figures" if had_discussion else ""))
 
 
 def _num(x):
@@ -544,7 +552,6 @@ def render1(d: dict) -> str:
         + (f" Non-uniform 1:10 full steps (Eq. 7, centre 0.3T, power 1.4): {nu['full_steps']}." if nu else ""),
         "\n".join(pair_summary(cached, fewer, "DeepCache")),
         efficiency_line(rows),
-        NOTES.get(1, ""),
     ])
 
 
@@ -582,7 +589,6 @@ def render2(d: dict) -> str:
         "and residual additions run at every step (`x = x + gate_t * cached`).",
         "\n".join(pair_summary(cached, fewer, "FORA")),
         efficiency_line(rows),
-        NOTES.get(2, ""),
     ])
 
 
@@ -676,7 +682,6 @@ def render3(d: dict) -> str:
             f"<details><summary>{p['name']}, units {units}: refresh tables (`#` compute, `.` reuse; steps left to right)</summary>"
             f"\n\n{masks}\n\n</details>",
         ]
-    sections.append(NOTES.get(3, ""))
     return "\n\n".join(sections)
 
 
@@ -774,7 +779,6 @@ def render4(d: dict) -> str:
         "\n".join(pair_summary_fora(learned, fora)),
         efficiency_line(rows),
         f"Learned masks (`#` compute, `.` reuse; steps left to right):\n\n{masks}",
-        NOTES.get(4, ""),
     ])
 
 
@@ -793,75 +797,6 @@ def pair_summary_fora(learned: list[dict], fora: list[dict]) -> list[str]:
         out.insert(0, f"The learned mask has the lower FID in {wins} of {len(learned)} pairs:")
     return out
 
-
-# ----------------------------------------------------------------------------- discussion
-#: Written after reading the committed results; qualitative only (every figure in the
-#: files is filled in from the run). ``--render`` rewrites the Markdown from the JSON.
-NOTES: dict[int, str] = {
-    1: """### Discussion: why this differs from the DeepCache paper
-
-The paper finds DeepCache about as good as plain DDIM at the same throughput (LDM-4-G, 250 DDIM steps, Table 4);
-here FID agrees only at 1:2 and 1:3 (differences within about one seed-to-seed standard deviation), and
-fewer-step DDIM has the clearly lower FID at 1:5 and 1:10. We think
-the main reasons are: (1) 50 steps of a 1000-step schedule are far apart, so the deep features cached at a full
-step are much staler than at 250 steps, while this tiny 16x16 digit model degrades slowly when DDIM steps are cut,
-which makes the fewer-steps baseline unusually strong; (2) with only three resolution levels, skip branch 0 leaves
-a small share of the FLOPs in a partial step, so a partial step is close to reusing the previous noise prediction
-with only the outermost layers recomputed. SQNR (paired, no sampling noise) is kinder to DeepCache: up to 1:5
-it stays at or above fewer-step DDIM's, i.e. it follows the 50-step trajectory at least as closely, while FID,
-a distance to real digits, prefers the fewer-step samples. The non-uniform 1:10 schedule, which clusters full
-steps around step 15, beats uniform 1:10 in FID as in the paper. Speed follows FLOPs closely here, unlike an SD-size U-Net on a CPU
-whose shallow high-resolution layers are memory-bound; part of each cached row's measured speed-up is the
-graph/module column (running the flat FX graph instead of the diffusers module), which the fewer-step rows do
-not get.""",
-    2: """### Discussion: why this differs from the FORA paper
-
-FORA (DiT-XL/2, 250 DDIM steps, GPU) reports speed-ups close to N with FID rising steadily with N. Here FID and
-class accuracy barely move up to N = 7 and FORA's SQNR stays well above fewer-step DDIM's at the same FLOPs, so
-FORA is the closer approximation of the 50-step model; but fewer-step DDIM gets a *lower* FID than the 50-step
-model itself, beyond the spread quoted above. On this model the digits-classifier FID does not reward fidelity to
-the reference: fewer, larger DDIM steps give smoother, more prototypical digits, closer to the real-digit
-feature statistics (class accuracy rises the same way). The measured speed-ups fall far short of the FLOP-ideal
-ones: a FORA partial step skips almost all FLOPs but still runs every block's adaLN, norms, gates and residual
-adds, the patch embedding and the final layer, which on a CPU at batch 16 with 64 tokens are dispatch- and
-memory-bound (per-kind step times are in the JSON, `kind_step_s`); with DiT-XL on a GPU, attention and MLP
-dominate the time and the paper's speed-ups track N. So FORA's SQNR advantage holds at equal FLOPs, but at equal
-*measured* CPU time it shrinks and from N = 5 on reverses (fewer-step DDIM reaches a higher speed-up at a similar
-SQNR or higher; plot: docs/tables_2.png).""",
-    3: """### Discussion: why this differs from the block-caching paper
-
-The paper (LDM-512 and EMU, 20 and 50 DPM/DDIM steps) finds block caching better than a fewer-step baseline at the
-same latency, and better still with scale-shift. Here, with units that include their own residual addition (the
-U-Net's resnets and attentions, the DiT's whole blocks), block caching loses to fewer steps at almost every
-threshold, in FID and in SQNR. The step kinds in the JSON show why: fxcache caches such a unit's whole output, so a
-reuse also freezes the residual stream, and when the δ rule reuses the last unit before the output (the U-Net's
-last resnet, whose channel-changing shortcut makes its profiled contribution its whole, slowly varying output;
-the DiT's last block), the liveness pass drops everything upstream: that step costs almost nothing and returns
-nearly the previous noise prediction, a skipped step with a stale output, which is worse than one larger DDIM
-step. The per-unit δ rule does not see this. Caching the DiT's attention and MLP sublayers instead (residual
-branches: the addition and adaLN gate stay live, which is how the paper's "due to the nature of residual
-connections" reads) keeps SQNR above fewer-step DDIM at every threshold, the same picture as FORA in table 2, with
-the same two caveats: FID on this model prefers fewer-step samples, and the measured speed-up lags the FLOP-ideal
-one because a partial step still runs every block's norms and gates, so at equal measured CPU time its SQNR is
-no better than fewer-step DDIM's (docs/tables_3.png). Scale-shift training here is 100 iterations
-on 4-sample generations (under a minute per threshold, against 15k iterations on eight A100s in the paper): it
-helps the whole-unit configurations a little at most thresholds, does not help the sublayer one (its SQNR drops),
-and its extra op costs a little speed on a CPU.""",
-    4: """### Discussion: why this differs from the timestep-aware masking paper
-
-The paper reports learned masks that keep DiT-XL/2's FID at a 1.67x speed-up (100 steps) and beat FORA. Here only
-the mildest setting is competitive (its FID is on par with FORA's and the reference's, its SQNR well below
-FORA's); from the second setting on the masks reuse every block for most of the trajectory (masks above) and the
-samples collapse, while FORA at the same planned FLOPs stays close to the reference. We see two causes in the
-method as implemented, both specific to few steps and few blocks: (1) each timestep's mask is trained against a
-cache holding the teacher's outputs of the previous step, a one-step-old cache, so per-step losses are small,
-but at generation time reuses compound and the cache read at a step can be many steps old; with 20 steps far
-apart that proxy is much worse than with the paper's 100-250 steps. (2) A mask caches whole transformer blocks,
-residual stream included, and when the last block is reused the liveness pass drops every block before it, so
-that step returns almost the previous noise prediction; this is also why those masks measure faster than FORA at
-equal FLOPs (near-empty steps), whereas FORA recomputes every block's gates and residual additions. With four
-blocks the useful range of λ between reusing nothing and reusing almost everything is narrow.""",
-}
 
 TABLES = {1: table1, 2: table2, 3: table3, 4: table4}
 RENDER = {1: render1, 2: render2, 3: render3, 4: render4}
@@ -935,6 +870,9 @@ def main(argv: list[str] | None = None) -> int:
                     "the discussion); the header keeps the command that measured the figures")
     ap.add_argument("--plot", action="store_true",
                     help="with --render: also plot FID and SQNR against the measured speed-up to docs/tables_{n}.png")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="measure although fxcache/, bench/ or scripts/ differ from HEAD (untracked files included); "
+                    "the results record the differing files (implied by --quick)")
     args = ap.parse_args(argv)
     which = [1, 2, 3, 4] if args.table == "all" else [int(args.table)]
     if args.render:
@@ -945,14 +883,18 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"no {path}; nothing to render")
                 continue
             data = _unclean(json.loads(path.read_text()))
-            md = RENDER[n](data)
-            (out / f"table{n}.md").write_text(md + "\n")
+            write_markdown(n, data, out)
             log(f"rendered {out / f'table{n}.md'} from {path.name}")
             if args.plot:
                 plot(n, data, ROOT / "docs" / f"tables_{n}.png")
         return 0
 
     q = args.quick
+    try:  # before any work: results name the commit whose code produced them
+        source = source_stamp(ROOT, allow_dirty=args.allow_dirty or q)
+    except ProvenanceError as exc:
+        print(f"python bench/tables.py: error: {exc}", file=sys.stderr)
+        return 2
     pick = lambda v, full, quick: v if v is not None else (quick if q else full)  # noqa: E731
     cfg = Config(
         samples=pick(args.samples, 1024, 32),
@@ -966,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=q,
         out=args.out if args.out is not None else (Path(tempfile.mkdtemp(prefix="fxcache_tables_")) if q else RESULTS),
         command="python bench/tables.py" + ("" if not argv else " " + " ".join(argv)),
+        source=source,
     )
     torch.set_num_threads(cfg.threads)
     for n in which:

@@ -4,7 +4,7 @@ Two kinds of test per (model, backend):
 
 - ``test_generation_time``: pytest-benchmark timings of one whole generation, uncached
   and cached, grouped per model so the table reads eager vs compiled and full vs cached;
-- ``test_speed_figures``: :func:`fxcache.bench.measure_speedup` (FLOP-ideal, predicted
+- ``test_speed_figures``: :func:`fxcache.evaluation.speed.measure_speedup` (FLOP-ideal, predicted
   from step kinds in isolation, measured end to end, runtime efficiency) and the
   performance targets, asserted here and never in tests/.
 
@@ -25,7 +25,7 @@ import torch
 
 import fxcache
 import fxcache.testing
-from fxcache.bench import measure_speedup
+from fxcache.evaluation.speed import measure_speedup
 
 STEPS = 20
 REPEATS = int(os.environ.get("FXCACHE_BENCH_REPEATS", "15"))  # DESIGN.md: 15 interleaved pairs
@@ -110,7 +110,7 @@ def _cached_model(name: str, backend: str) -> fxcache.CachedModel:
 
 
 def _baseline(name: str, backend: str):
-    from fxcache.bench import _baseline as make_baseline
+    from fxcache.evaluation.speed import _baseline as make_baseline
 
     key = (name, backend)
     if key not in _baselines:

@@ -3,7 +3,7 @@
 import torch
 
 import fxcache
-from fxcache.metrics import sqnr
+from fxcache.evaluation.metrics import sqnr
 from fxcache.models import generate, load
 
 unet, dit = load("unet"), load("dit")

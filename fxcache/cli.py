@@ -5,20 +5,26 @@
                      speed figures; write a side-by-side PNG.
 ``fxcache profile``  record how much each unit's output changes from step to step
                      (the input of ``fxcache.BlockCache``) and save it.
-``fxcache bench``    print a :class:`fxcache.bench.SpeedReport` for a model and schedule.
+``fxcache bench``    print a :class:`fxcache.evaluation.speed.SpeedReport` for a model and
+                     schedule.
 
 Every subcommand runs on the CPU in this process; ``--backend none`` (the default) runs
-the graphs eagerly, ``--backend inductor`` compiles them (minutes on a CPU).
+the graphs eagerly, ``--backend inductor`` compiles them (minutes on a CPU). Every file a
+command writes (``--out``, ``--plot``, ``--json``) is checked before any work starts: its
+folder must exist (nothing is created), be writable, and the extension must be one the
+command can write; otherwise the command prints one line and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import sys
 import time
 from typing import Sequence
+
+from .dropin import DropIn
 
 __all__ = ["main", "build_parser", "parse_schedule"]
 
@@ -117,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="DeepCache: skip branch to cache behind, 0 = shallowest (default 0)")
     demo.add_argument("--samples", type=_positive, default=16, help="digits per generation (default 16)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    demo.add_argument("--out", default="demo.png", help="PNG to write (default demo.png)")
+    demo.add_argument("--out", default="demo.png",
+                      help="image to write (default demo.png; .png, .jpg, .webp, ...); its folder must exist")
     speed(demo, repeats=5)
     demo.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
 
@@ -130,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
     prof.add_argument("--units", default=None,
                       help="unit kind(s) or names, comma-separated (default: every unit except skip branches)")
-    prof.add_argument("--out", required=True, help="profile file to write (.safetensors)")
-    prof.add_argument("--plot", default=None, help="also plot the profile to this PNG")
+    prof.add_argument("--out", required=True, help="profile file to write (.safetensors); its folder must exist")
+    prof.add_argument("--plot", default=None,
+                      help="also plot the profile to this image (.png, .pdf, .svg, ...; needs matplotlib)")
 
     bench = sub.add_parser("bench", help="measure the three speed figures of a model and schedule",
                            description="Measure, in this process: the FLOP-ideal speed-up, the speed-up predicted "
@@ -144,25 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=_positive, default=16, help="batch size (default 16)")
     speed(bench, repeats=7)
     bench.add_argument("--mode", default=None, help="torch.compile mode (with --backend inductor)")
-    bench.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    bench.add_argument("--json", default=None, help="also write the report as JSON to this file; its folder must exist")
     return parser
 
 
 # ------------------------------------------------------------------------ helpers
-class _Ticking:
-    """Drop-in proxy that advances a progress bar at every model call."""
+class _Ticking(DropIn):
+    """Drop-in that advances a progress bar at every model call."""
 
     def __init__(self, model, bar):
-        self._model = model
+        super().__init__(model)
         self._bar = bar
 
-    def __call__(self, *args, **kwargs):
-        out = self._model(*args, **kwargs)
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
         self._bar.update(1)
         return out
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
 
 
 def _generate(model, steps: int, samples: int, seed: int, labels, desc: str):
@@ -200,57 +205,59 @@ def _compile_warning(backend: str | None) -> None:
         )
 
 
-def _grid(images, cols: int, scale: int, pad: int):
-    """uint8 PIL image of ``images`` (N, C, H, W) in [-1, 1] tiled ``cols`` per row."""
-    import numpy as np
-    import torch
-    from PIL import Image
+def _check_output(path: str, option: str, extensions: Sequence[str] | None = None) -> None:
+    """Refuse, before any work, an output the command could not write at the end: its
+    folder missing (never created: the same rule for every command and option) or not
+    a folder, not writable, the path a folder, or an extension outside ``extensions``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CliError(f"{option} {path}: is a folder; give a file name inside it")
+    if extensions is not None:
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in extensions:
+            raise CliError(
+                f"{option} {path}: cannot write {repr(ext) if ext else 'a file without extension'}; "
+                f"use {extensions[0]}" + (f" (or {', '.join(extensions[1:])})" if len(extensions) > 1 else "")
+            )
+    if not os.path.exists(parent):
+        ancestor = parent
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            raise CliError(f"{option} {path}: {ancestor} is not a folder; choose a path inside an existing folder")
+        raise CliError(f"{option} {path}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
+    if not os.path.isdir(parent):
+        raise CliError(f"{option} {path}: {parent} is not a folder; choose a path inside an existing folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CliError(f"{option} {path}: cannot write there (permission denied); choose a writable folder")
 
-    x = images.detach().float().cpu().clamp(-1, 1)
-    x = ((x + 1) * 127.5).round().to(dtype=torch.uint8).numpy()
-    n, c, h, w = x.shape
-    rows = math.ceil(n / cols)
-    H, W = rows * (h * scale + pad) + pad, cols * (w * scale + pad) + pad
-    canvas = np.full((H, W, 3), 255, np.uint8)
-    for i in range(n):
-        img = x[i].transpose(1, 2, 0)
-        img = np.repeat(img, 3, axis=2) if c == 1 else img[..., :3]
-        img = img.repeat(scale, 0).repeat(scale, 1)
-        r, q = divmod(i, cols)
-        y0, x0 = pad + r * (h * scale + pad), pad + q * (w * scale + pad)
-        canvas[y0 : y0 + h * scale, x0 : x0 + w * scale] = img
-    return Image.fromarray(canvas)
 
-
-def save_side_by_side(path: str, panels, titles: Sequence[str], footer: str = "") -> None:
-    """Image grids (each (N, C, H, W) in [-1, 1]) side by side, a title of up to two
-    lines above each and a footer line below (PIL only, no matplotlib)."""
-    from PIL import Image, ImageDraw
-
-    cols = max(1, math.ceil(math.sqrt(panels[0].shape[0])))
-    grids = [_grid(p, cols, 4, 4) for p in panels]
-    gap, top, bottom = 16, 34, 22 if footer else 6
-    width = sum(g.width for g in grids) + gap * (len(grids) - 1)
-    out = Image.new("RGB", (width, top + max(g.height for g in grids) + bottom), "white")
-    draw = ImageDraw.Draw(out)
-    x0 = 0
-    for g, title in zip(grids, titles):
-        out.paste(g, (x0, top))
-        for j, line in enumerate(title.split("\n")[:2]):
-            draw.text((x0 + 4, 3 + 14 * j), line, fill="black")
-        x0 += g.width + gap
-    if footer:
-        draw.text((4, out.height - bottom + 5), footer, fill="black")
-    out.save(path)
+def _plot_extensions() -> tuple[str, ...]:
+    """What ``Profile.plot`` can save, or a CliError when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CliError("--plot needs matplotlib, which is not installed; install it (pip install matplotlib) "
+                       "or leave out --plot") from None
+    types = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    first = [t for t in ("png", "pdf", "svg") if t in types]
+    return tuple(f".{t}" for t in first + sorted(set(types) - set(first)))
 
 
 # ---------------------------------------------------------------------- commands
 def cmd_demo(args) -> int:
     import torch
 
+    from .evaluation.render import image_extensions
+
+    _check_output(args.out, "--out", image_extensions())
+
     from . import compile as fx_compile
-    from .bench import measure_speedup
-    from .metrics import psnr, sqnr
+    from .evaluation.metrics import psnr, sqnr
+    from .evaluation.render import save_side_by_side
+    from .evaluation.speed import measure_speedup
     from .models import generate
     from .schedules import DeepCache
 
@@ -310,14 +317,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    import importlib.util
+    _check_output(args.out, "--out", (".safetensors",))
+    if args.plot:
+        _check_output(args.plot, "--plot", _plot_extensions())
 
     import torch
 
-    if importlib.util.find_spec("fxcache.calibrate.profiler") is None:
-        raise CliError(
-            "fxcache profile needs fxcache.calibrate.profiler, which this installation does not have yet"
-        )
     from .calibrate.profiler import profile
     from .models import generate
 
@@ -350,9 +355,10 @@ def cmd_profile(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import torch
+    if args.json:
+        _check_output(args.json, "--json")
 
-    from .bench import measure_speedup
+    from .evaluation.speed import measure_speedup
     from .models import generate
     from .schedules import DeepCache
 

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fxcache import models as fxm  # noqa: E402
-from fxcache.data import load_digits, split_indices  # noqa: E402
+from fxcache.evaluation.data import load_digits, split_indices  # noqa: E402
 
 MODEL_DIR = ROOT / "fxcache" / "models"
 DOCS = ROOT / "docs"
@@ -146,7 +146,7 @@ def _data_card(split: str, n: int) -> dict:
     return {
         "source": "sklearn.datasets.load_digits (1797 8x8 images, labels 0-9)",
         "preprocessing": "bilinear upsampling to 16x16 (F.interpolate, align_corners=False), scaled to [-1, 1]",
-        "loader": f"fxcache.data.load_digits({split!r})",
+        "loader": f"fxcache.evaluation.data.load_digits({split!r})",
         "num_images": n,
     }
 
@@ -189,8 +189,8 @@ def train_classifier(args) -> None:
         "name": "classifier",
         "class": "fxcache.models.DigitClassifier",
         "config": CLASSIFIER_CONFIG,
-        "purpose": "feature space (64-d penultimate ReLU features) for fxcache.metrics.fid_digits; class_accuracy",
-        "data": {**_data_card("train", x_tr.shape[0]), "val_split": f"fxcache.data.load_digits('val'), {x_va.shape[0]} images"},
+        "purpose": "feature space (64-d penultimate ReLU features) for fxcache.evaluation.metrics.fid_digits; class_accuracy",
+        "data": {**_data_card("train", x_tr.shape[0]), "val_split": f"fxcache.evaluation.data.load_digits('val'), {x_va.shape[0]} images"},
         "training": {
             "steps": args.steps, "batch_size": args.batch_size, "optimizer": "AdamW(weight_decay=1e-4)", "lr": args.lr,
             "lr_schedule": f"linear warm-up {args.warmup} steps, cosine to 10%", "augmentation": "random shift of up to 1 px per batch",
@@ -367,9 +367,9 @@ def render_samples(name: str, num_steps: int = 50, seed: int = 0, update_card: b
     plt.close(fig)
     print(f"wrote {out} ({gen_s:.1f}s to generate {rows * cols} samples)")
     if update_card and "classifier" in fxm.available():
-        from fxcache import metrics
+        from fxcache.evaluation import metrics
 
-        n = 1024  # the figure-of-record sample count of fxcache.metrics
+        n = 1024  # the figure-of-record sample count of fxcache.evaluation.metrics
         lab = torch.arange(n) % 10 if name == "dit" else None
         xs = fxm.generate(model, num_steps=num_steps, num_samples=n, seed=seed, class_labels=lab)
         quality = {"num_samples": n, "ddim_steps": num_steps, "seed": seed, "fid_digits": metrics.fid_digits(xs)}

@@ -1,4 +1,4 @@
-"""fxcache.bench.measure_speedup and the ``fxcache`` command line: fast CPU checks.
+"""fxcache.evaluation.speed.measure_speedup and the ``fxcache`` command line: fast CPU checks.
 
 Speed *targets* (efficiency >= 0.97, measured speed-up > 1) are asserted in bench/, never
 here: these tests only check that the figures are consistent with each other, so they
@@ -8,6 +8,7 @@ stay fast and cannot fail because the machine is busy.
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -17,14 +18,12 @@ import torch
 import fxcache
 import fxcache.testing
 from fxcache import cli
-from fxcache.bench import SpeedReport, interleaved_times, measure_speedup
+from fxcache.evaluation.speed import SpeedReport, interleaved_times, measure_speedup
 
 
 def _has_model(name: str) -> bool:
-    try:
-        from fxcache import models
-    except ImportError:
-        return False
+    from fxcache import models
+
     return name in models.available()
 
 
@@ -121,13 +120,30 @@ def test_measure_speedup_outputs_unchanged(tiny_unet):
         assert torch.equal(a, b)
 
 
-def test_measure_speedup_loop_needing_a_real_module(tiny_unet):
-    """A run() that the stand-in cannot drive still gets figures (2)-(4), without the loop ones."""
+def test_measure_speedup_loop_stand_in_is_a_module(tiny_unet):
+    """The stand-in that times the loop alone is a drop-in module like the cached model
+    (parameters, attributes and calls of the model): a run() that wants a module is
+    timed alone too."""
     loop = _loop(tiny_unet)
 
     def run(m):
         if not isinstance(m, torch.nn.Module):
             raise TypeError("run() wants a module")
+        next(m.parameters())
+        loop(m)
+
+    rep = measure_speedup(tiny_unet.model, fxcache.DeepCache(interval=2, branch=0), run,
+                          repeats=1, warmup=0, min_time=0.0, threads=1)
+    assert rep.loop_s is not None and rep.efficiency_excl_loop is not None
+
+
+def test_measure_speedup_loop_needing_the_model_itself(tiny_unet):
+    """A run() that the stand-in cannot drive still gets figures (2)-(4), without the loop ones."""
+    loop = _loop(tiny_unet)
+
+    def run(m):
+        if not isinstance(m, (type(tiny_unet.model), fxcache.CachedModel)):
+            raise TypeError("run() wants the model or a CachedModel")
         loop(m)
 
     rep = measure_speedup(tiny_unet.model, fxcache.DeepCache(interval=2, branch=0), run,
@@ -135,6 +151,28 @@ def test_measure_speedup_loop_needing_a_real_module(tiny_unet):
     assert rep.loop_s is None and rep.efficiency_excl_loop is None and rep.predicted_with_loop is None
     assert math.isclose(rep.efficiency, rep.measured_speedup / rep.predicted_speedup, rel_tol=1e-12)
     assert "the runtime alone" not in str(rep)
+
+
+def test_cli_progress_proxy_is_a_drop_in(tiny_unet):
+    """The CLI's progress proxy is a DropIn: calls, attributes and state_dict are the
+    model's, and each call ticks the bar once."""
+    from fxcache.dropin import DropIn
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    proxy = cli._Ticking(tiny_unet.model, bar)
+    assert isinstance(proxy, DropIn)
+    assert proxy.config is tiny_unet.model.config and proxy.dtype == tiny_unet.model.dtype
+    assert list(proxy.state_dict()) == list(tiny_unet.model.state_dict())
+    with torch.no_grad():
+        t = tiny_unet.timesteps[0]
+        assert torch.equal(tiny_unet.output(tiny_unet.call(proxy, t)), tiny_unet.output(tiny_unet.call(tiny_unet.model, t)))
+    assert bar.n == 1
 
 
 def test_measure_speedup_bad_arguments(tiny_unet):
@@ -221,19 +259,6 @@ def test_cli_demo_bad_branch_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_cli_profile_without_profiler_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "fxcache.calibrate.profiler" else real(name, *a)
-    )
-    assert cli.main(["profile", "--model", "unet", "--out", str(tmp_path / "p.safetensors")]) == 2
-    assert "needs fxcache.calibrate.profiler" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("fxcache.calibrate.profiler") is None or not _has_model("unet"),
-    reason="fxcache.calibrate.profiler or the embedded U-Net is not present",
-)
 def test_cli_profile_writes_file(tmp_path, capsys):
     out, plot = tmp_path / "p.safetensors", tmp_path / "p.png"
     argv = ["profile", "--model", "unet", "--steps", "3", "--samples", "1", "--seeds", "0",
@@ -246,3 +271,249 @@ def test_cli_profile_writes_file(tmp_path, capsys):
 
     prof = Profile.load(out)
     assert prof.num_steps == 3 and prof.num_units > 0
+
+
+# ------------------------------------------------- outputs checked before any work (issue 9)
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Loading an embedded model fails the test: an output check must fire before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the command checked its outputs")
+
+    from fxcache import models
+
+    monkeypatch.setattr(models, "load", refuse)
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fxcache {command}: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "command, argv",
+    [
+        ("demo", ["demo", "--steps", "1", "--samples", "1", "--no-bench", "--out", "{missing}/demo.png"]),
+        ("profile", ["profile", "--model", "unet", "--steps", "1", "--samples", "1", "--seeds", "0",
+                     "--out", "{missing}/p.safetensors"]),
+        ("profile", ["profile", "--model", "unet", "--steps", "1", "--samples", "1", "--seeds", "0",
+                     "--out", "{tmp}/p.safetensors", "--plot", "{missing}/p.png"]),
+        ("bench", ["bench", "--model", "unet", "--steps", "1", "--samples", "1", "--repeats", "1",
+                   "--json", "{missing}/report.json"]),
+    ],
+)
+def test_cli_output_into_missing_folder_is_refused_before_work(command, argv, tmp_path, capsys, no_model_work):
+    """One rule for every output: the folder must exist (demo and profile alike); the
+    command says so in one line, exits 2, and creates nothing."""
+    missing = tmp_path / "no" / "such"
+    argv = [a.format(missing=missing, tmp=tmp_path) for a in argv]
+    assert cli.main(argv) == 2
+    err = _one_line_error(capsys, command)
+    assert str(missing) in err and "does not exist" in err and "create it" in err
+    assert not (tmp_path / "no").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_demo_unsupported_extension_is_refused_before_work(tmp_path, capsys, no_model_work):
+    assert cli.main(["demo", "--steps", "1", "--samples", "1", "--no-bench", "--out", str(tmp_path / "demo.xyz")]) == 2
+    err = _one_line_error(capsys, "demo")
+    assert "'.xyz'" in err and ".png" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_profile_out_unwritable_is_refused_before_work(tmp_path, capsys, no_model_work):
+    """A path under a regular file (unwritable for any user, root included) and a folder
+    given as the output file are both refused before anything runs."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = ["profile", "--model", "unet", "--steps", "1", "--samples", "1", "--seeds", "0", "--out"]
+    assert cli.main(argv + [str(blocker / "p.safetensors")]) == 2
+    err = _one_line_error(capsys, "profile")
+    assert str(blocker) in err and "not a folder" in err
+    assert cli.main(argv + [str(tmp_path)]) == 2
+    err = _one_line_error(capsys, "profile")
+    assert "is a folder" in err
+    assert cli.main(argv + [str(tmp_path / "p.npz")]) == 2
+    assert "'.npz'" in _one_line_error(capsys, "profile")
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write into any folder")
+def test_cli_output_into_read_only_folder_is_refused_before_work(tmp_path, capsys, no_model_work):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert cli.main(["bench", "--model", "unet", "--json", str(ro / "r.json")]) == 2
+        assert "cannot write" in _one_line_error(capsys, "bench")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_cli_profile_plot_without_matplotlib_is_refused_before_work(tmp_path, capsys, monkeypatch, no_model_work):
+    for name in [m for m in sys.modules if m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # the import system's own "not installed"
+    argv = ["profile", "--model", "unet", "--steps", "1", "--samples", "1", "--seeds", "0",
+            "--out", str(tmp_path / "p.safetensors"), "--plot", str(tmp_path / "p.png")]
+    assert cli.main(argv) == 2
+    err = _one_line_error(capsys, "profile")
+    assert "--plot" in err and "matplotlib" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_profile_plot_unsupported_extension_is_refused_before_work(tmp_path, capsys, no_model_work):
+    pytest.importorskip("matplotlib")
+    argv = ["profile", "--model", "unet", "--steps", "1", "--samples", "1", "--seeds", "0",
+            "--out", str(tmp_path / "p.safetensors"), "--plot", str(tmp_path / "p.xyz")]
+    assert cli.main(argv) == 2
+    assert "'.xyz'" in _one_line_error(capsys, "profile")
+
+
+# ------------------------------------------- results stamped with the commit that produced them
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git(repo, *args) -> str:
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A committed checkout-like tree: fxcache/, bench/, scripts/, docs and an ignore file."""
+    r = tmp_path / "repo"
+    for rel, text in {"fxcache/a.py": "a = 1\n", "bench/b.py": "b = 1\n", "scripts/c.sh": "echo c\n",
+                      "README.md": "# r\n", ".gitignore": "__pycache__/\n"}.items():
+        (r / rel).parent.mkdir(parents=True, exist_ok=True)
+        (r / rel).write_text(text)
+    _git(r, "init", "-q")
+    _git(r, "add", "-A")
+    _git(r, "commit", "-q", "-m", "init")
+    return r
+
+
+def test_source_stamp_clean_tree_is_head(repo):
+    from fxcache.evaluation.provenance import source_stamp
+
+    stamp = source_stamp(repo)
+    assert stamp["commit"] == _git(repo, "rev-parse", "HEAD") and len(stamp["commit"]) == 40
+    assert stamp["dirty"] == [] and stamp["allow_dirty"] is False
+    # changes outside fxcache/, bench/, scripts/ and ignored files do not make results dirty
+    (repo / "README.md").write_text("# changed\n")
+    (repo / "docs").mkdir()
+    (repo / "docs" / "new.md").write_text("x\n")
+    (repo / "bench" / "results").mkdir()  # results are not code: writing one table does not block the next
+    (repo / "bench" / "results" / "table1.json").write_text("{}\n")
+    (repo / "fxcache" / "__pycache__").mkdir()
+    (repo / "fxcache" / "__pycache__" / "a.pyc").write_bytes(b"\0")
+    assert source_stamp(repo)["dirty"] == []
+
+
+@pytest.mark.parametrize(
+    "change, path",
+    [
+        ("untracked", "fxcache/new.py"),  # what `git describe --dirty` does not see
+        ("modified", "bench/b.py"),
+        ("staged", "scripts/c.sh"),
+        ("deleted", "fxcache/a.py"),
+    ],
+)
+def test_source_stamp_refuses_a_dirty_tree_unless_allowed(repo, change, path):
+    from fxcache.evaluation.provenance import ProvenanceError, source_stamp
+
+    head = _git(repo, "rev-parse", "HEAD")
+    f = repo / path
+    if change == "deleted":
+        f.unlink()
+    else:
+        f.write_text("changed = True\n")
+    if change == "staged":
+        _git(repo, "add", path)
+    with pytest.raises(ProvenanceError) as exc:
+        source_stamp(repo)
+    msg = str(exc.value)
+    assert str(repo) in msg and path in msg and head[:12] in msg and "--allow-dirty" in msg
+    stamp = source_stamp(repo, allow_dirty=True)
+    assert stamp["commit"] == head and stamp["allow_dirty"] is True
+    assert [d["path"] for d in stamp["dirty"]] == [path]
+    # committed, the same code is clean and stamped with the new commit
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "change")
+    stamp = source_stamp(repo)
+    assert stamp["commit"] == _git(repo, "rev-parse", "HEAD") != head and stamp["dirty"] == []
+
+
+def test_source_stamp_outside_a_checkout(tmp_path):
+    from fxcache.evaluation.provenance import ProvenanceError, source_stamp
+
+    with pytest.raises(ProvenanceError, match="not a git checkout"):
+        source_stamp(tmp_path)
+    stamp = source_stamp(tmp_path, allow_dirty=True)
+    assert stamp["commit"] is None and stamp["allow_dirty"] is True
+
+
+def test_tables_refuse_a_dirty_tree_before_measuring(repo):
+    """bench/tables.py checks the tree first: one line, exit 2, nothing measured or written."""
+    (repo / "bench" / "tables.py").write_text(open(os.path.join(ROOT, "bench", "tables.py")).read())
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "tables")
+    (repo / "fxcache" / "untracked.py").write_text("x = 1\n")
+    proc = subprocess.run([sys.executable, "bench/tables.py", "--table", "1", "--samples", "2", "--steps", "2"],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "\n" not in err and "fxcache/untracked.py" in err and "--allow-dirty" in err
+    assert not (repo / "bench" / "results").exists()
+
+
+def test_tables_render_reproduces_the_results_and_keeps_their_discussion(tmp_path):
+    """bench/results/table{n}.md is what the driver renders from table{n}.json, followed by
+    the hand-written discussion, which rendering keeps (edited or not); a table without a
+    Markdown file yet gets the marker and a placeholder."""
+    import shutil
+
+    results = os.path.join(ROOT, "bench", "results")
+    for n in (1, 2, 3, 4):
+        for ext in ("json", "md"):
+            shutil.copy(os.path.join(results, f"table{n}.{ext}"), tmp_path)
+    edited = (tmp_path / "table2.md").read_text() + "\nA sentence added by hand.\n"
+    (tmp_path / "table2.md").write_text(edited)
+    (tmp_path / "new").mkdir()
+    shutil.copy(tmp_path / "table4.json", tmp_path / "new")
+    for out in (tmp_path, tmp_path / "new"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "tables.py"), "--render", "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    for n in (1, 3, 4):
+        with open(os.path.join(results, f"table{n}.md")) as f:
+            assert (tmp_path / f"table{n}.md").read_text() == f.read()
+    assert (tmp_path / "table2.md").read_text() == edited.rstrip("\n") + "\n"
+    fresh = (tmp_path / "new" / "table4.md").read_text()
+    assert "<!-- Everything below this line is written by hand" in fresh and "(not written yet" in fresh
+    assert fresh.split("<!--")[0] == (tmp_path / "table4.md").read_text().split("<!--")[0]
+
+
+def test_tables_header_names_the_stamp(repo):
+    """The Markdown header says which commit produced the figures, and loudly when the
+    tree was dirty (written with --allow-dirty)."""
+    import importlib.util as iu
+
+    from fxcache.evaluation.provenance import source_stamp
+
+    spec = iu.spec_from_file_location("_tables_under_test", os.path.join(ROOT, "bench", "tables.py"))
+    tables = iu.module_from_spec(spec)
+    sys.modules[spec.name] = tables  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(tables)
+        clean = source_stamp(repo)
+        assert tables.md_code({"source": clean}) == (
+            f"commit `{clean['commit']}` (no changes under fxcache/, bench/, scripts/ outside bench/results/)")
+        (repo / "scripts" / "new.py").write_text("x = 1\n")
+        text = tables.md_code({"source": source_stamp(repo, allow_dirty=True)})
+        assert clean["commit"] in text and "plus uncommitted changes" in text and "scripts/new.py (untracked)" in text
+    finally:
+        del sys.modules[spec.name]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fxcache import metrics
+from fxcache.evaluation import metrics
 
 
 def test_sqnr_psnr_inf_for_equal():
@@ -101,7 +101,7 @@ def test_frechet_dimension_mismatch_raises():
 
 
 def test_fid_digits_real_vs_real_small_and_noise_large():
-    from fxcache.data import load_digits
+    from fxcache.evaluation.data import load_digits
 
     x, y = load_digits("val")
     real = metrics.fid_digits(x)

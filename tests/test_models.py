@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxcache import models
-from fxcache.data import load_digits, split_indices
+from fxcache.evaluation.data import load_digits, split_indices
 
 
 @pytest.fixture

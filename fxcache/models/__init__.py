@@ -1,6 +1,6 @@
 """Small trained models shipped inside the package (no network needed).
 
-Three models, all trained on the 16x16 digits of :mod:`fxcache.data` by
+Three models, all trained on the 16x16 digits of :mod:`fxcache.evaluation.data` by
 ``scripts/train_models.py``; each has weights (``<name>.safetensors``) and a
 model card (``<name>.json``: config, data, steps, final loss, wall time, seed):
 
@@ -19,7 +19,7 @@ model card (``<name>.json``: config, data, steps, final loss, wall time, seed):
     classifier-free guidance (trained with 10% label dropout).
 ``classifier``
     :class:`DigitClassifier`, a small CNN; its 64-d penultimate features are the
-    feature space of :func:`fxcache.metrics.fid_digits`.
+    feature space of :func:`fxcache.evaluation.metrics.fid_digits`.
 
 Both denoisers were trained with the noise schedule :data:`SCHEDULER_CONFIG`
 (``DDPMScheduler``, 1000 steps, ``squaredcos_cap_v2`` betas) and are sampled

@@ -42,6 +42,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
+from ..dropin import DropIn
+from ..plan import _fmt_flops
+
 __all__ = ["SpeedReport", "measure_speedup", "interleaved_times"]
 
 
@@ -108,7 +111,7 @@ class SpeedReport:
             "",
             f"  {'figure':<44} {'speed-up':>9}   detail",
             f"  {'(1) FLOP-ideal':<44} {self.ideal_speedup:>8.2f}x   "
-            f"{self.steps} x {_fmt_flops(self.full_flops)} / {_fmt_flops(self.planned_flops)}",
+            f"{self.steps} x {_fmt_flops(self.full_flops)}FLOPs / {_fmt_flops(self.planned_flops)}FLOPs",
             f"  {'(2) predicted from step kinds in isolation':<44} {self.predicted_speedup:>8.2f}x   "
             f"range {self.predicted_min:.2f}-{self.predicted_max:.2f}; {self.steps} x {_ms(self.full_step_s)} / "
             + " + ".join(f"{n} x {_ms(t)}" for n, t in zip(self.kind_steps, self.kind_step_s) if n),
@@ -153,13 +156,6 @@ class SpeedReport:
 
 def _ms(t: float) -> str:
     return f"{t * 1e3:.2f} ms" if t < 1.0 else f"{t:.3f} s"
-
-
-def _fmt_flops(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {unit}FLOPs"
-    return f"{x:.0f} FLOPs"
 
 
 def _clone(x):
@@ -225,12 +221,9 @@ def _baseline(plain: torch.nn.Module, options) -> Callable:
     kwargs: dict[str, Any] = {"backend": options.backend}
     inductor_options = None
     if options.backend == "inductor":
-        try:
-            from .rewrite.compile import _inductor_options
+        from ..rewrite.compile import _inductor_options
 
-            inductor_options = _inductor_options(options)
-        except ImportError:  # a runtime without per-graph inductor options
-            inductor_options = None
+        inductor_options = _inductor_options(options)
     if inductor_options is not None:
         kwargs["options"] = inductor_options
     elif options.mode is not None:
@@ -240,22 +233,21 @@ def _baseline(plain: torch.nn.Module, options) -> Callable:
     return torch.compile(plain, **kwargs)
 
 
-class _Replay:
-    """Stand-in for the model in ``run``: returns the recorded output of each step at
-    once (attributes such as ``config``, ``device``, ``dtype`` come from the model)."""
+class _Replay(DropIn):
+    """Stand-in for the model in ``run``: a drop-in (attributes such as ``config``,
+    ``device``, ``dtype`` and the parameters are the model's, and a call goes through
+    ``nn.Module.__call__`` as the other arms' calls do) whose forward returns the
+    recorded output of each step at once."""
 
-    def __init__(self, model, outputs):
-        self._model = model
+    def __init__(self, model: torch.nn.Module, outputs: list):
+        super().__init__(model)
         self._outputs = outputs
         self._i = 0
 
-    def __call__(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         out = self._outputs[self._i % len(self._outputs)]
         self._i += 1
         return out
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -300,7 +292,7 @@ def measure_speedup(
         generation) meet interference from other processes alike.
     progress: show a tqdm progress bar.
     """
-    from .runtime import CachedModel
+    from ..runtime import CachedModel
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -316,7 +308,7 @@ def measure_speedup(
         plain = model.model
         backend, mode = cm.options.backend, cm.options.mode
     else:
-        from .api import compile as fx_compile
+        from ..api import compile as fx_compile
 
         plain = model
         cm = fx_compile(model, schedule, backend=backend, mode=mode, num_steps=num_steps)
@@ -355,11 +347,9 @@ def measure_speedup(
             entry = cm.entries[-1]
 
             # ---- one recorded generation: which kind ran at each step, with what inputs.
-            # The runtime calls entry.programs[kind](flat_inputs, buffers) (older
-            # runtimes: entry.runners[kind](*flat_inputs, *buffers)); wrap each to keep
-            # a copy of its arguments, so kinds can be replayed alone on real inputs.
-            slot_name = "programs" if hasattr(entry, "programs") else "runners"
-            slots = getattr(entry, slot_name)
+            # The runtime calls entry.programs[kind](flat_inputs, buffers); wrap each to
+            # keep a copy of its arguments, so kinds can be replayed alone on real inputs.
+            slots = entry.programs
             originals = list(slots)
             records: list[tuple[int, tuple]] = []
             outputs: list = []  # what the model returned at each step, for the loop-only run
@@ -391,7 +381,7 @@ def measure_speedup(
             kind_inputs = {k: args for k, args in reversed(records)}  # first step of each kind
             num_flat = entry.captured.num_inputs
             first = records[0][1]
-            full_flat = first[0] if slot_name == "programs" else first[:num_flat]
+            full_flat = first[0]
             b_args, b_kwargs = pytree.tree_unflatten(list(full_flat)[:num_flat], entry.captured.in_spec)
 
             # ---- (2) and (3), interleaved: each repeat is one round of isolated timings

@@ -33,18 +33,18 @@ features estimated from N samples), so only compare figures computed with the
   an optimistic floor; the disjoint real halves (898 each, FD about 28) are the
   honest real-vs-real figure at that size.
 
-Measured with ``python -m fxcache.metrics --spread`` (1 CPU thread, DDIM 50 steps,
+Measured with ``python -m fxcache.evaluation.metrics --spread`` (1 CPU thread, DDIM 50 steps,
 the committed models; 2 shared CPU cores):
 
-.. SPREAD-BEGIN (written by ``python -m fxcache.metrics --spread --write``)
-N = 256 generated samples (``python -m fxcache.metrics --spread --num-samples 256 --steps 50 --seeds 0 1 2 3``):
+.. SPREAD-BEGIN (written by ``python -m fxcache.evaluation.metrics --spread --write``)
+N = 256 generated samples (``python -m fxcache.evaluation.metrics --spread --num-samples 256 --steps 50 --seeds 0 1 2 3``):
 
 * real vs real, two disjoint halves (898 each), 5 random splits: 28.51, 33.90, 22.67, 23.61, 31.16 (mean 27.97)
 * 256 random real digits vs all 1797 real (an optimistic floor: a subset of the reference): 26.74, 45.94, 41.55, 43.62, 39.50 (mean 39.47, std 7.51)
 * unet, 256 samples (DDIM 50 steps) vs all real, seeds [0, 1, 2, 3]: 94.25, 123.26, 66.36, 83.46 (mean 91.83, std 23.89); seed 0 samples vs seed 1 samples: 117.97
 * dit, 256 samples (DDIM 50 steps) vs all real, seeds [0, 1, 2, 3]: 120.34, 128.22, 113.78, 102.26 (mean 116.15, std 10.98); seed 0 samples vs seed 1 samples: 79.32; class accuracy 0.94, 0.93, 0.92, 0.94
 
-N = 1024 generated samples (``python -m fxcache.metrics --spread --num-samples 1024 --steps 50 --seeds 0 1 2``):
+N = 1024 generated samples (``python -m fxcache.evaluation.metrics --spread --num-samples 1024 --steps 50 --seeds 0 1 2``):
 
 * real vs real, two disjoint halves (898 each), 5 random splits: 28.51, 33.90, 22.67, 23.61, 31.16 (mean 27.97)
 * 1024 random real digits vs all 1797 real (an optimistic floor: a subset of the reference): 4.89, 6.76, 5.06, 4.62, 4.78 (mean 5.22, std 0.88)
@@ -192,7 +192,7 @@ def _real_stats(num_real: int | None) -> tuple[np.ndarray, np.ndarray]:
 def real_digit_features(num_real: int | None = None, classifier: torch.nn.Module | None = None) -> torch.Tensor:
     """Classifier features of the real digits: all 1797, or ``num_real`` of them
     chosen by a fixed permutation (seed 0)."""
-    from fxcache.data import load_digits
+    from fxcache.evaluation.data import load_digits
 
     images, _ = load_digits("all")
     if num_real is not None:
@@ -239,7 +239,7 @@ def measure_spread(num_samples: int = 256, num_steps: int = 50, seeds: Sequence[
     """
     import time
 
-    from fxcache.data import load_digits
+    from fxcache.evaluation.data import load_digits
     from fxcache.models import available, generate, load
 
     torch.set_num_threads(1)
@@ -328,7 +328,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m fxcache.metrics", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fxcache.evaluation.metrics", description=__doc__.split("\n")[0])
     ap.add_argument("--spread", action="store_true", help="measure the run-to-run spread of the quality metrics")
     ap.add_argument("--num-samples", type=int, default=256)
     ap.add_argument("--steps", type=int, default=50)
@@ -343,7 +343,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(res, indent=1))
     print(text)
     if args.write:
-        cmd = f"python -m fxcache.metrics --spread --num-samples {args.num_samples} --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
+        cmd = f"python -m fxcache.evaluation.metrics --spread --num-samples {args.num_samples} --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
         _write_spread(text, args.num_samples, cmd)
     return 0
 
