@@ -29,20 +29,21 @@ def _lower_to_plan(schedule, unitset: UnitSet, num_steps: int | None) -> Plan:
     if missing:
         raise UnitError(f"the schedule names units {missing} that this model does not have")
     _check_laminar([by_name[n] for n in mask.units])
-    plan = Plan(
+    notes = []
+    skips = sorted((u for u in unitset if u.kind == "skip_branch"), key=lambda u: u.index)
+    if skips and any(by_name[n].kind == "skip_branch" for n in mask.units):
+        full = unitset.full_flops
+        notes.append("partial step cost per DeepCache branch (FLOPs of a partial step / full step):")
+        for u in skips:
+            notes.append(f"  branch {u.index}: {(full - u.flops) / full:6.1%}  ({u.name})")
+    return Plan(
         unitset.infos(list(mask.units)),
         mask.table,
         periodic=mask.periodic,
         full_flops=unitset.full_flops,
         schedule=schedule,
+        notes=notes,
     )
-    skips = sorted((u for u in unitset if u.kind == "skip_branch"), key=lambda u: u.index)
-    if skips and any(by_name[n].kind == "skip_branch" for n in mask.units):
-        full = unitset.full_flops
-        plan.notes.append("partial step cost per DeepCache branch (FLOPs of a partial step / full step):")
-        for u in skips:
-            plan.notes.append(f"  branch {u.index}: {(full - u.flops) / full:6.1%}  ({u.name})")
-    return plan
 
 
 def _check_laminar(units) -> None:
@@ -119,8 +120,7 @@ def plan_for(model: torch.nn.Module, schedule, *example_args, num_steps: int | N
     unitset = find_units(captured.gm)
     plan = _lower_to_plan(schedule, unitset, num_steps)
     solved = solve_steps(captured.gm, [u for u in unitset if u.name in set(plan.units)], plan)
-    plan._bind(solved.kind_of_step, solved.step_kinds)
-    return plan
+    return plan.bind(solved.kind_of_step, solved.step_kinds)
 
 
 _DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder")

@@ -15,6 +15,7 @@ unit costs; after binding they are counted on the rewritten graphs.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -84,8 +85,11 @@ class Plan:
     """``compute[step][unit]`` over named units, validated on construction.
 
     ``periodic=True`` means the table is one period that repeats for ever (FORA,
-    uniform DeepCache); otherwise it covers exactly ``len(table)`` steps and the
-    runtime starts a new generation after the last one.
+    uniform DeepCache); otherwise it covers exactly ``len(table)`` steps (the runtime
+    computes everything past the last one).
+
+    A plan is immutable: :meth:`bind` (the rewrite's executed graphs) and
+    :meth:`with_compile` (what was compiled) return new plans.
     """
 
     def __init__(
@@ -96,7 +100,9 @@ class Plan:
         periodic: bool = False,
         full_flops: int = 0,
         schedule: object = None,
+        notes: Sequence[str] = (),
     ):
+        object.__setattr__(self, "_frozen", False)
         self.unit_infos: tuple[UnitInfo, ...] = tuple(units)
         self.units: tuple[str, ...] = tuple(u.name for u in self.unit_infos)
         self.table: tuple[tuple[bool, ...], ...] = tuple(tuple(bool(v) for v in row) for row in table)
@@ -108,8 +114,20 @@ class Plan:
         self._kinds: list[StepKind] | None = None
         self.compiled_graphs: int | None = None
         self.compile_note: str = ""
-        self.notes: list[str] = []  # extra lines for explain(), e.g. DeepCache's branch costs
+        self.notes: tuple[str, ...] = tuple(notes)  # extra lines for explain(), e.g. DeepCache's branch costs
         self._validate()
+        self._frozen = True
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"a Plan is immutable (tried to set {name!r}); use bind() or with_compile()")
+        object.__setattr__(self, name, value)
+
+    def _replace(self, **attrs) -> "Plan":
+        new = copy.copy(self)
+        for name, value in attrs.items():
+            object.__setattr__(new, name, value)
+        return new
 
     # ------------------------------------------------------------------ basics
     @property
@@ -184,10 +202,13 @@ class Plan:
             saved += self._by_name[name].flops
         return max(self.full_flops - saved, 0)
 
-    def _bind(self, kind_of_step: list[int], kinds: list[StepKind]) -> None:
-        """Called by the rewrite: the executed graph of each step, with counted FLOPs."""
-        self._kind_of_step = list(kind_of_step)
-        self._kinds = list(kinds)
+    def bind(self, kind_of_step: Sequence[int], kinds: Sequence[StepKind]) -> "Plan":
+        """This plan bound to the rewrite's executed graph of each step (with counted FLOPs)."""
+        return self._replace(_kind_of_step=list(kind_of_step), _kinds=list(kinds))
+
+    def with_compile(self, compiled_graphs: int, note: str = "") -> "Plan":
+        """This plan with the number of compiled graphs and how they were compiled."""
+        return self._replace(compiled_graphs=int(compiled_graphs), compile_note=str(note))
 
     @property
     def bound(self) -> bool:

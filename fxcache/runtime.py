@@ -394,7 +394,7 @@ class CachedModel(DropIn):
         adapters = self._adapters(captured, units, plan)
         plan_units = [u for u in units if u.name in set(plan.units)]
         solved = solve_steps(captured.gm, plan_units, plan, adapters)
-        plan._bind(solved.kind_of_step, solved.step_kinds)
+        plan = plan.bind(solved.kind_of_step, solved.step_kinds)
         if self.options.fuse:
             from .rewrite.fuse import fuse_cache_reads
 
@@ -405,8 +405,7 @@ class CachedModel(DropIn):
         device = next((v.device for v in captured.gm.graph.find_nodes(op="placeholder")
                        for v in [v.meta.get("val")] if isinstance(v, torch.Tensor)), torch.device("cpu"))
         programs, count, note = build_programs(captured.gm, plan_units, solved, self.options, device, adapters)
-        plan.compiled_graphs = count if self.options.backend is not None else 0
-        plan.compile_note = note
+        plan = plan.with_compile(count if self.options.backend is not None else 0, note)
         # the repair graph: every unit computed, every slot some kind reads written
         read_units = sorted({u for g in solved.graphs for u in g.reads}, key=list(plan.units).index)
         repair = build_step_graph(captured.gm, plan_units, (), read_units, adapters)

@@ -435,3 +435,15 @@ def test_deepcache_explain_reports_every_branch_cost():
     partial = cm.plan.step_kinds[cm.plan.kind_of_step(1)]
     assert f"{partial.flops / cm.plan.full_flops:6.1%}" in text  # the executed partial step's own figure
     assert cm.plan.ideal_speedup == pytest.approx(3 * cm.plan.full_flops / (cm.plan.full_flops + 2 * partial.flops))
+
+
+def test_plan_is_immutable_and_binding_returns_a_new_plan():
+    T = tiny("unet2d")
+    mask = fxcache.Mask([[True], [False]], ["skip_branch.1"], periodic=True)
+    plan = fxcache.plan_for(T.model, mask, *T.inputs(T.timesteps[0])[0])
+    with pytest.raises(AttributeError, match="immutable"):
+        plan.periodic = False
+    unbound = fxcache.Plan(plan.unit_infos, plan.table, periodic=True, full_flops=plan.full_flops)
+    bound = unbound.bind([0, 1], plan.step_kinds)
+    assert bound is not unbound and bound.bound and not unbound.bound
+    assert bound.with_compile(2, "x").compiled_graphs == 2 and bound.compiled_graphs is None

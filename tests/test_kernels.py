@@ -1,11 +1,15 @@
-"""fxcache.kernels: the Triton kernels against their PyTorch references, on CPU.
+"""fxcache.kernels: the Triton kernels against their PyTorch references.
 
-The kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET when
-``@triton.jit`` decorates a kernel (when fxcache.kernels is first imported), not at
-launch, so the kernel tests need the variable set before Python starts
-(``TRITON_INTERPRET=1 pytest tests/test_kernels.py``; scripts/test.sh does it) and
-skip, saying so, otherwise. The CUDA path (registered op, fake-tensor tracing) and the
-no-triton install are checked in subprocesses, whose environment this file controls.
+The kernel tests run where the kernels were built for: on CPU tensors in Triton's
+interpreter (``TRITON_INTERPRET=1``, what scripts/test.sh and tests/conftest.py set), or
+natively on CUDA tensors (``TRITON_INTERPRET=0`` on a GPU machine, what
+scripts/gpu_check.sh runs). Triton reads TRITON_INTERPRET when ``@triton.jit``
+decorates a kernel (when fxcache.kernels is first imported), not at launch, so the
+variable must be set before Python starts; the tests skip, saying so, when neither
+applies. Inputs are made on the CPU and moved; results are compared on the CPU with the
+reference computed on the CPU. The CUDA path as far as it goes without a GPU
+(registered op, fake-tensor tracing, an sm_90 build) and the no-triton install are
+checked in subprocesses, whose environment this file controls.
 """
 
 import importlib
@@ -21,6 +25,8 @@ import torch
 
 import fxcache.kernels as K
 from fxcache.kernels import KernelArgumentError
+
+from _cuda import REQUIRE_CUDA, OpLog, need_cuda
 
 _ss_mod = importlib.import_module("fxcache.kernels.scale_shift")
 _gr_mod = importlib.import_module("fxcache.kernels.gated_residual")
@@ -69,51 +75,60 @@ def _gen(seed=0):
 def _assert_close(got, want, atol, rtol):
     assert got.dtype == want.dtype
     assert got.shape == want.shape
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(got.cpu().float(), want.cpu().float(), atol=atol, rtol=rtol)
+
+
+def _kernels_interpreted() -> bool:
+    from fxcache.kernels._common import is_interpreted
+
+    return is_interpreted(_ss_mod._scale_shift_kernel) and is_interpreted(_gr_mod._gated_residual_kernel)
 
 
 @pytest.fixture(scope="module")
-def interpreter():
-    """Skip unless the kernels can run here: triton installed, loaded, interpreted."""
+def dev():
+    """The device the Triton kernels run on here: ``cpu`` when they were built for the
+    interpreter, ``cuda`` when built for the GPU and a GPU is present; skip otherwise
+    (fail under FXCACHE_REQUIRE_CUDA=1, i.e. in gpu_check.sh's GPU mode, unless native)."""
     pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
     if not K.HAS_TRITON:
         from fxcache.kernels._common import TRITON_UNAVAILABLE_REASON
 
         pytest.skip(f"triton is installed but fxcache.kernels cannot use it: {TRITON_UNAVAILABLE_REASON}")
-    from fxcache.kernels._common import is_interpreted
-
-    if not (is_interpreted(_ss_mod._scale_shift_kernel) and is_interpreted(_gr_mod._gated_residual_kernel)):
-        pytest.skip(
-            "the Triton kernels were built for the GPU: TRITON_INTERPRET=1 must be set before "
-            "fxcache.kernels is imported (triton reads it at @triton.jit time); run "
-            "`TRITON_INTERPRET=1 pytest tests/test_kernels.py`"
-        )
+    if _kernels_interpreted():
+        if REQUIRE_CUDA:
+            pytest.fail("FXCACHE_REQUIRE_CUDA=1 but the kernels were built for the interpreter: set TRITON_INTERPRET=0")
+        return "cpu"
+    need_cuda(
+        "running the Triton kernels built for the GPU (TRITON_INTERPRET=1 set before Python starts "
+        "runs them in the interpreter instead)"
+    )
+    return "cuda"
 
 
 # --------------------------------------------------------------------------- kernel vs reference
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("mode", BCAST)
 @pytest.mark.parametrize("shape,channel_dim", SHAPES)
-def test_scale_shift_kernel_matches_reference(interpreter, shape, channel_dim, mode, dtype, atol, rtol):
+def test_scale_shift_kernel_matches_reference(dev, shape, channel_dim, mode, dtype, atol, rtol):
     g = _gen()
     B, C = shape[0], _channels(shape, channel_dim)
     cache = torch.randn(shape, generator=g).to(dtype)
     scale = _param(mode, B, C, dtype, g)
     shift = _param(BCAST[(BCAST.index(mode) + 1) % 3], B, C, dtype, g)  # mix the two modes
-    got = K.scale_shift_triton(cache, scale, shift, channel_dim)
+    got = K.scale_shift_triton(cache.to(dev), scale.to(dev), shift.to(dev), channel_dim)
     _assert_close(got, K.scale_shift_reference(cache, scale, shift, channel_dim), atol, rtol)
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("mode", BCAST)
 @pytest.mark.parametrize("shape,channel_dim", SHAPES)
-def test_gated_residual_kernel_matches_reference(interpreter, shape, channel_dim, mode, dtype, atol, rtol):
+def test_gated_residual_kernel_matches_reference(dev, shape, channel_dim, mode, dtype, atol, rtol):
     g = _gen(1)
     B, C = shape[0], _channels(shape, channel_dim)
     x = torch.randn(shape, generator=g).to(dtype)
     cache = torch.randn(shape, generator=g).to(dtype)
     gate = _param(mode, B, C, dtype, g)
-    got = K.gated_residual_triton(x, gate, cache, channel_dim)
+    got = K.gated_residual_triton(x.to(dev), gate.to(dev), cache.to(dev), channel_dim)
     _assert_close(got, K.gated_residual_reference(x, gate, cache, channel_dim), atol, rtol)
 
 
@@ -132,25 +147,25 @@ def test_reference_is_the_unfused_expression():
     assert torch.equal(K.gated_residual_reference(seq, gate, tok, -1), seq + gate[:, None] * tok)
 
 
-def test_output_dtype_follows_type_promotion(interpreter):
+def test_output_dtype_follows_type_promotion(dev):
     """bf16 features with fp32 scale/gate give fp32, as the unfused expression does."""
     g = _gen(3)
     cache = torch.randn(2, 7, 6, generator=g).bfloat16()
     scale, shift = torch.randn(2, 6, generator=g), torch.randn(6, generator=g).bfloat16()
     want = K.scale_shift_reference(cache, scale, shift, -1)
     assert want.dtype == (cache * (1 + scale[:, None]) + shift).dtype == torch.float32
-    _assert_close(K.scale_shift_triton(cache, scale, shift, -1), want, 1e-6, 1e-6)
+    _assert_close(K.scale_shift_triton(cache.to(dev), scale.to(dev), shift.to(dev), -1), want, 1e-6, 1e-6)
     x = torch.randn(2, 7, 6, generator=g).bfloat16()
-    got = K.gated_residual_triton(x, scale, cache, -1)
+    got = K.gated_residual_triton(x.to(dev), scale.to(dev), cache.to(dev), -1)
     _assert_close(got, K.gated_residual_reference(x, scale, cache, -1), 1e-6, 1e-6)
 
 
-def test_channels_last_is_read_in_place(interpreter):
+def test_channels_last_is_read_in_place(dev):
     """NCHW in channels_last memory format runs the channel-last variant, keeps the format."""
     g = _gen(4)
-    cache = torch.randn(2, 5, 7, 3, generator=g).to(memory_format=torch.channels_last)
-    x = torch.randn(2, 5, 7, 3, generator=g).to(memory_format=torch.channels_last)
-    scale, shift = torch.randn(2, 5, generator=g), torch.randn(1, 5, generator=g)
+    cache = torch.randn(2, 5, 7, 3, generator=g).to(dev).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 5, 7, 3, generator=g).to(dev).to(memory_format=torch.channels_last)
+    scale, shift = torch.randn(2, 5, generator=g).to(dev), torch.randn(1, 5, generator=g).to(dev)
     got = K.scale_shift_triton(cache, scale, shift, 1)
     assert got.is_contiguous(memory_format=torch.channels_last)
     _assert_close(got, K.scale_shift_reference(cache, scale, shift, 1), 1e-6, 1e-6)
@@ -162,17 +177,18 @@ def test_channels_last_is_read_in_place(interpreter):
     _assert_close(got, K.gated_residual_reference(x.contiguous(), scale, cache, 1), 1e-6, 1e-6)
 
 
-def test_noncontiguous_inputs(interpreter):
+def test_noncontiguous_inputs(dev):
     """Strided features are copied to contiguous by the launcher; strided parameters
     (adaLN's ``emb.chunk(k, dim=1)`` views, channel steps) are read through their strides.
     Inputs are never modified."""
     g = _gen(5)
     B, N, C = 3, 11, 6
-    cache = torch.randn(B, C, N, generator=g).transpose(1, 2)  # (B, N, C), not contiguous
-    x = torch.randn(B, N, 2 * C, generator=g)[..., ::2]  # (B, N, C), channel step 2
-    emb = torch.randn(B, 3 * C, generator=g)
+    # the views are taken on the device (moving a view would make it contiguous)
+    cache = torch.randn(B, C, N, generator=g).to(dev).transpose(1, 2)  # (B, N, C), not contiguous
+    x = torch.randn(B, N, 2 * C, generator=g).to(dev)[..., ::2]  # (B, N, C), channel step 2
+    emb = torch.randn(B, 3 * C, generator=g).to(dev)
     scale, shift, gate = emb.chunk(3, dim=1)  # (B, C) views with batch stride 3C
-    strided = torch.randn(1, 2 * C, generator=g)[:, ::2]  # (1, C), channel stride 2
+    strided = torch.randn(1, 2 * C, generator=g).to(dev)[:, ::2]  # (1, C), channel stride 2
     assert not (cache.is_contiguous() or x.is_contiguous() or scale.is_contiguous() or strided.is_contiguous())
     before = [t.clone() for t in (cache, x, emb, strided)]
 
@@ -183,16 +199,16 @@ def test_noncontiguous_inputs(interpreter):
         got = K.gated_residual_triton(x, gt, cache, -1)
         _assert_close(got, K.gated_residual_reference(x, gt, cache, -1), 1e-6, 1e-6)
     # NCHW with a permuted (neither contiguous nor channels_last) feature map
-    nchw = torch.randn(2, 7, 5, 3, generator=g).permute(0, 2, 1, 3)  # (2, 5, 7, 3)
-    s2 = torch.randn(2, 5, generator=g)
+    nchw = torch.randn(2, 7, 5, 3, generator=g).to(dev).permute(0, 2, 1, 3)  # (2, 5, 7, 3)
+    s2 = torch.randn(2, 5, generator=g).to(dev)
     _assert_close(K.scale_shift_triton(nchw, s2, s2, 1), K.scale_shift_reference(nchw, s2, s2, 1), 1e-6, 1e-6)
     for t, b in zip((cache, x, emb, strided), before):
         assert torch.equal(t, b)
 
 
-def test_empty_tensor(interpreter):
-    cache = torch.empty(0, 4, 3)
-    p = torch.empty(3)
+def test_empty_tensor(dev):
+    cache = torch.empty(0, 4, 3, device=dev)
+    p = torch.empty(3, device=dev)
     assert K.scale_shift_triton(cache, p, p, -1).shape == (0, 4, 3)
     assert K.gated_residual_triton(cache, p, cache, -1).shape == (0, 4, 3)
 
@@ -293,13 +309,70 @@ def test_kernel_refuses_unsupported_dtype():
 
 
 # --------------------------------------------------------------------------- the CPU dispatch path
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_dispatch_on_cpu_is_the_reference(dtype):
+def _count_calls(monkeypatch, module, name):
+    """Replace ``module.name`` by a wrapper that counts its calls (the dispatch functions
+    look the reference up on its module at call time)."""
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def _dispatch_inputs(dtype, device):
     g = _gen(6)
-    cache, x = torch.randn(2, 5, 7, 3, generator=g).to(dtype), torch.randn(2, 5, 7, 3, generator=g).to(dtype)
-    scale, shift = torch.randn(2, 5, generator=g).to(dtype), torch.randn(5, generator=g).to(dtype)
-    assert torch.equal(K.scale_shift(cache, scale, shift, 1), K.scale_shift_reference(cache, scale, shift, 1))
-    assert torch.equal(K.gated_residual(x, scale, cache, 1), K.gated_residual_reference(x, scale, cache, 1))
+    cache, x = torch.randn(2, 5, 7, 3, generator=g), torch.randn(2, 5, 7, 3, generator=g)
+    scale, shift = torch.randn(2, 5, generator=g), torch.randn(5, generator=g)
+    return [t.to(dtype).to(device) for t in (cache, x, scale, shift)]
+
+
+def _by_hand(cache, x, scale, shift):
+    """The two expressions written out in fp32 (what both implementations compute), NCHW."""
+    f = [t.float() for t in (cache, x, scale, shift)]
+    c, xx, sc, sh = f
+    return c * (1 + sc[:, :, None, None]) + sh[None, :, None, None], xx + sc[:, :, None, None] * c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dispatch_on_cpu_runs_the_reference_not_the_op(dtype, monkeypatch):
+    """On CPU tensors the dispatch functions call the PyTorch reference (counted) and no
+    fxcache op or Triton kernel is dispatched (every dispatched operator is logged); the
+    result is the expression computed by hand in fp32 and rounded once."""
+    ss_calls = _count_calls(monkeypatch, _ss_mod, "reference")
+    gr_calls = _count_calls(monkeypatch, _gr_mod, "reference")
+    cache, x, scale, shift = _dispatch_inputs(dtype, "cpu")
+    with OpLog() as log:
+        y = K.scale_shift(cache, scale, shift, 1)
+        z = K.gated_residual(x, scale, cache, 1)
+    assert len(ss_calls) == 1 and len(gr_calls) == 1
+    assert log.custom_kernel_calls() == [] and log.names  # the reference's aten ops, nothing else
+    want_y, want_z = _by_hand(cache, x, scale, shift)
+    assert y.dtype == z.dtype == dtype
+    assert torch.equal(y, want_y.to(dtype)) and torch.equal(z, want_z.to(dtype))
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_dispatch_on_cuda_runs_the_op(dev, dtype, atol, rtol, monkeypatch):
+    """On CUDA tensors, with the kernels built for the GPU, the dispatch functions run the
+    registered Triton op (logged), not the reference, and give the hand-written result."""
+    if dev != "cuda":
+        pytest.skip("the dispatch to the Triton op is for CUDA tensors and GPU-built kernels "
+                    "(here the kernels run in the interpreter, where the dispatch uses the reference)")
+    ss_calls = _count_calls(monkeypatch, _ss_mod, "reference")
+    gr_calls = _count_calls(monkeypatch, _gr_mod, "reference")
+    cache, x, scale, shift = _dispatch_inputs(dtype, "cuda")
+    with OpLog() as log:
+        y = K.scale_shift(cache, scale, shift, 1)
+        z = K.gated_residual(x, scale, cache, 1)
+    assert ss_calls == [] and gr_calls == []
+    assert len(log.custom_kernel_calls()) >= 2, log.names
+    want_y, want_z = _by_hand(cache.cpu(), x.cpu(), scale.cpu(), shift.cpu())
+    _assert_close(y, want_y.to(dtype), atol, rtol)
+    _assert_close(z, want_z.to(dtype), atol, rtol)
 
 
 def test_dispatch_compiles_fullgraph_on_cpu():

@@ -67,11 +67,20 @@ def test_block_cache(family, kind):
 
 
 def test_learned_mask_runs_like_any_mask():
+    """A learned mask is an ordinary Mask: compiled, it gives at every step what the naive
+    hook reference gives for the same table."""
     T = tiny("dit")
-    inputs = [T.inputs(t) for t in T.timesteps[:4]]
-    mask = fxcache.learn_mask(T.model, inputs, fxcache.LearnedMask(lambda_sparsity=0.05, iters=5), progress=False)
-    assert isinstance(mask, fxcache.Mask)
+    steps = T.timesteps[:4]
+    inputs = [T.inputs(t) for t in steps]
+    config = fxcache.LearnedMask(lambda_sparsity=0.05, iters=10, lr=0.3)
+    mask = fxcache.learn_mask(T.model, inputs, config, progress=False)
+    assert isinstance(mask, fxcache.Mask) and mask.num_steps == len(steps)
+    assert not all(all(row) for row in mask.table[1:])  # it reuses something: the check below means something
     cm = fxcache.compile(T.model, mask, backend=None)
+    ref = NaiveReference(T, mask)
     with torch.no_grad():
-        for t in T.timesteps[:4]:
-            T.call(cm, t)
+        outs = [T.output(T.call(cm, t)) for t in steps]
+        for step, t in enumerate(steps):
+            torch.testing.assert_close(outs[step], ref(step, t), rtol=1e-5, atol=1e-5)
+    full = [T.output(T.call(T.model, t)) for t in steps]
+    assert any(not torch.equal(a, b) for a, b in zip(outs, full))  # and reusing changed the output

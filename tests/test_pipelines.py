@@ -8,6 +8,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler,
 import fxcache
 from fxcache.testing import tiny
 
+from _reference import every, hook_cache
+
 EAGER = dict(backend=None)
 
 
@@ -64,15 +66,30 @@ def _run_dit(pipe):
     return pipe(class_labels=[1, 3], guidance_scale=1.0, generator=g, num_inference_steps=4, output_type="np").images
 
 
+def _fora_by_hooks(model, interval):
+    """FORA (fora.txt, Sec. 3.2) written by hand on the plain DiT: at steps 0, N, 2N, ...
+    every block's attention and MLP outputs are stored, in between forward hooks return
+    them; residual adds and adaLN gates run as usual, with the current step's values."""
+    modules = [f"transformer_blocks.{i}.{name}" for i, block in enumerate(model.transformer_blocks)
+               for name in ("attn1", "attn2", "ff") if getattr(block, name, None) is not None]
+    return hook_cache(model, modules, every(interval, len(modules)))
+
+
 def test_dit_pipeline_full_plan_is_exact_and_fora_is_close():
     pipe, T = _dit_pipe()
     ref = _run_dit(pipe)
+    with _fora_by_hooks(T.model, 2) as hooked:
+        fora_by_hand = _run_dit(pipe)
+    assert hooked["step"] == 4  # one model call per denoising step
     names = [f"transformer_blocks.{i}" for i in range(3)]
     pipe.transformer = fxcache.compile(T.model, fxcache.Mask([[True] * 3], names, periodic=True), **EAGER)
     np.testing.assert_array_equal(_run_dit(pipe), ref)
     fxcache.attach(pipe, fxcache.FORA(interval=2), **EAGER)
     out = _run_dit(pipe)
     assert out.shape == ref.shape
-    assert not np.array_equal(out, ref)
+    # the same pipeline with FORA written as hooks on the plain model: equal up to fp32
+    # rounding (the captured graph and the eager modules may order a few ops differently)
+    np.testing.assert_allclose(out, fora_by_hand, rtol=0, atol=1e-5)
+    assert np.abs(out - ref).max() > 1e-3  # and FORA is lossy: the check above means something
     print(pipe.transformer.plan)
     assert pipe.transformer.plan.ideal_speedup > 1.2
