@@ -15,11 +15,29 @@ Parameters are never copied: the graph's ``get_attr`` nodes point at the model's
 Capture happens in eval mode. Training-mode graphs contain random ops (DiT's class
 dropout, dropout layers) whose caching would be meaningless.
 
+Every graph capture returns is **free of mutation**. Export's training IR keeps in-place
+ops (``h.mul_(2)``, ``h += x``, ``aten.copy_`` from slice assignment such as
+``q[:, :, n:] = ...`` in CogVideoX's rotary embedding), and the rewrite follows data
+edges only: an in-place op whose result is not used as a value would vanish from a
+rewritten graph. So an exported program that holds an in-place op is functionalised
+(``ExportedProgram.run_decompositions({})``: no decomposition beyond what
+functionalisation needs), after which every mutation is a value (``slice_scatter``,
+``index_put``, ...). Composite ops then come out decomposed: ``reshape`` as ``view``,
+``chunk`` as ``split``, ``to`` as ``_to_copy``, ``contiguous`` as ``clone``. A program
+without in-place ops (most diffusers models) is kept as exported: functionalising it
+would change nothing but double the capture time. :data:`FUNCTIONALIZE` = ``"always"``
+functionalises every program (the tests use it to check that both forms work).
+
+What functionalisation cannot remove, a forward that writes a model buffer or one of
+its inputs, is a :class:`CaptureError` naming the node and its module; so is any
+mutating op left in the graph.
+
 Canonicalisation done here, because the exported graph carries nodes that make whole
 dead regions look alive:
 - ``aten._assert_tensor_metadata`` checks are removed (they only assert dtypes that
   export already recorded);
-- eval-mode ``aten.dropout(x, p, train=False)`` is replaced by ``x``.
+- eval-mode dropout (``aten.dropout(x, p, train=False)``, which functionalisation
+  turns into ``aten.clone(x)``) is replaced by ``x``, as eager mode returns ``x``.
 """
 
 from __future__ import annotations
@@ -34,8 +52,12 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import CaptureError
+from .rewrite import contract
 
-__all__ = ["Captured", "capture", "flatten_call", "signature_of"]
+__all__ = ["Captured", "capture", "flatten_call", "signature_of", "FUNCTIONALIZE"]
+
+# "auto": functionalise exported programs that hold an in-place op; "always": all of them
+FUNCTIONALIZE = "auto"
 
 
 @dataclass
@@ -128,6 +150,19 @@ def _eval_mode(model: torch.nn.Module):
             m.training = mode
 
 
+def _from_eval_dropout(node: fx.Node) -> bool:
+    """A plain ``aten.clone`` that functionalisation made of ``aten.dropout(x, p, train=False)``."""
+    if node.target is not torch.ops.aten.clone.default or node.kwargs or len(node.args) != 1:
+        return False
+    stack = list(node.meta.get("from_node") or ())  # provenance: a tree of NodeSource records
+    while stack:
+        src = stack.pop()
+        if str(getattr(src, "target", "")) == "aten.dropout.default":
+            return True
+        stack.extend(getattr(src, "from_node", None) or ())
+    return False
+
+
 def _canonicalize(gm: fx.GraphModule) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
@@ -140,7 +175,74 @@ def _canonicalize(gm: fx.GraphModule) -> None:
             if not train:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
+        elif _from_eval_dropout(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
     graph.lint()
+
+
+def _module_of(node: fx.Node | None) -> str:
+    stack = (node.meta.get("nn_module_stack") if node is not None else None) or {}
+    paths = [p for p, _ in stack.values() if p]
+    return f"module '{paths[-1]}'" if paths else "the top-level forward"
+
+
+_MUTATION_KINDS = {
+    "BUFFER_MUTATION": "buffer",
+    "PARAMETER_MUTATION": "parameter",
+    "USER_INPUT_MUTATION": "input",
+}
+
+
+def _functionalize(ep, model: torch.nn.Module):
+    """``ep`` with every in-place op turned into a value, or a CaptureError naming the
+    state the forward writes (which no graph output can carry)."""
+    name = type(model).__name__
+    mutates = any(contract.is_mutating(n) for n in ep.graph.nodes) or any(
+        getattr(spec.kind, "name", "") != "USER_OUTPUT" for spec in ep.graph_signature.output_specs
+    )
+    if not mutates and FUNCTIONALIZE != "always":
+        return ep
+    try:
+        ep = ep.run_decompositions({})
+    except Exception as exc:  # torch raises many types here; all mean "cannot functionalise"
+        raise CaptureError(
+            f"torch.export captured {name} but could not functionalise it: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. fxcache needs a graph free of in-place ops; "
+            f"rewrite the in-place op as an out-of-place one."
+        ) from exc
+    by_name = {n.name: n for n in ep.graph.nodes}
+    for spec in ep.graph_signature.output_specs:
+        kind = getattr(spec.kind, "name", str(spec.kind))
+        if kind == "USER_OUTPUT":
+            continue
+        node = by_name.get(getattr(spec.arg, "name", None))
+        source = node.name if node is not None else "?"
+        what = _MUTATION_KINDS.get(kind)
+        if what is None:
+            raise CaptureError(
+                f"{name}'s exported program has an output of kind {kind} (node '{source}' in "
+                f"{_module_of(node)}): a side effect fxcache cannot keep in a cached graph. Remove it from "
+                f"the forward (fxcache caches pure inference forwards)."
+            )
+        raise CaptureError(
+            f"{name}'s forward writes {what} '{spec.target}' in place (node '{source}' in {_module_of(node)}). "
+            f"fxcache cannot cache a forward that changes the model's state or its inputs: a cached step "
+            f"that skips the write would silently change the result. Compute the value out of place "
+            f"(return it instead of writing it into the {what})."
+        )
+    return ep
+
+
+def _check_functional(gm: fx.GraphModule, name: str) -> None:
+    for node in gm.graph.nodes:
+        if contract.is_mutating(node):
+            target = node.target
+            raise CaptureError(
+                f"the captured graph of {name} still holds the in-place op {target} (node '{node.name}' in "
+                f"{_module_of(node)}) after functionalisation; fxcache would drop it. Rewrite it as an "
+                f"out-of-place op."
+            )
 
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> Captured:
@@ -156,11 +258,13 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
                 f"{str(exc).splitlines()[0] if str(exc) else ''}. fxcache needs a model that "
                 f"torch.export.export(model, args, kwargs, strict=False) can capture with these inputs."
             ) from exc
+        ep = _functionalize(ep, model)
     unlifted = ep.module()
     graph = unlifted.graph
     graph._codegen = fx.graph.CodeGen()  # flat positional inputs and outputs
     gm = fx.GraphModule(unlifted, graph, class_name=f"{type(model).__name__}Graph")
     _canonicalize(gm)
+    _check_functional(gm, type(model).__name__)
     gm.recompile()
     flat, spec = pytree.tree_flatten((args, kwargs))
     placeholders = graph.find_nodes(op="placeholder")
@@ -169,6 +273,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             f"the exported graph of {type(model).__name__} takes {len(placeholders)} inputs but the call "
             f"flattens to {len(flat)}; fxcache cannot map the inputs"
         )
+    contract.maybe_check(gm, where="capture")
     return Captured(
         gm=gm,
         in_spec=ep.call_spec.in_spec,

@@ -3,7 +3,15 @@ and what to do instead."""
 
 from __future__ import annotations
 
-__all__ = ["FxcacheError", "CaptureError", "UnsupportedModelError", "UnitError", "CheckpointError"]
+__all__ = [
+    "FxcacheError",
+    "CaptureError",
+    "UnsupportedModelError",
+    "UnitError",
+    "CheckpointError",
+    "ArtefactMismatchError",
+    "ContractError",
+]
 
 
 class FxcacheError(Exception):
@@ -24,3 +32,14 @@ class UnitError(FxcacheError, ValueError):
 
 class CheckpointError(FxcacheError, ValueError):
     """A saved artefact does not fit the model or schedule it is loaded into."""
+
+
+class ArtefactMismatchError(CheckpointError):
+    """An artefact recorded for one model or schedule is used with another: a profile of
+    another model class or other unit shapes, scale-shift adapters trained for another
+    schedule table. The message names both sides."""
+
+
+class ContractError(FxcacheError):
+    """A graph broke the compiler's contract (:mod:`fxcache.rewrite.contract`): an internal
+    error of fxcache, raised instead of a silently wrong result."""

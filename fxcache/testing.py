@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["FAMILIES", "Tiny", "tiny"]
 
-FAMILIES = ("unet2d", "sd", "sdxl", "dit", "pixart", "sd3", "flux")
+FAMILIES = ("unet2d", "sd", "sdxl", "dit", "pixart", "sd3", "flux", "cogvideox")
 
 
 @dataclass
@@ -132,6 +132,31 @@ def tiny(family: str, batch: int = 1, dtype: torch.dtype = torch.float32, seed: 
              "img_ids": img_ids, "txt_ids": txt_ids},
         )
         ts, unet = [1.0, 0.75, 0.5, 0.25, 0.01], False
+    elif family == "cogvideox":
+        # CogVideoX 1.0 with rotary embeddings: its attention processor applies them by
+        # slice assignment (``query[:, :, text_len:] = ...``), an in-place op that capture
+        # must functionalise. head_dim 16: the 3-D rotary embedding splits it 4/6/6.
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        side, frames, patch = size // 2, 2, 2
+        model = diffusers.CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+            text_embed_dim=32, num_layers=2, sample_width=side, sample_height=side, sample_frames=4 * (frames - 1) + 1,
+            patch_size=patch, max_text_seq_length=5, use_rotary_positional_embeddings=True,
+        )
+        x, enc = randn(batch, frames, 4, side, side), randn(batch, 5, 32)
+        # as CogVideoXPipeline._prepare_rotary_positional_embeddings: the latent grid is
+        # the model's base size, so the crop region is the whole grid
+        grid = side // patch
+        rotary = get_3d_rotary_pos_embed(
+            embed_dim=16, crops_coords=((0, 0), (grid, grid)), grid_size=(grid, grid), temporal_size=frames
+        )
+        inputs = lambda t: (
+            (x,),
+            {"encoder_hidden_states": enc, "timestep": t.expand(batch) if t.ndim else t.repeat(batch),
+             "image_rotary_emb": rotary},
+        )
+        ts, unet = [999, 749, 499, 249, 0], False
     else:
         raise KeyError(f"unknown family {family!r}; choose one of {FAMILIES}")
     if dtype != torch.float32:

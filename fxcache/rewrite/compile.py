@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from . import contract
 from .segments import build_segments
 
 __all__ = ["build_programs", "compile_graph"]
@@ -36,9 +37,13 @@ class _KindProgram:
     def __init__(self, runner, buffers):
         self.runner = runner
         self.buffers = tuple(buffers)
+        self.check = contract.enabled()  # debug mode: outputs share no storage with a buffer
 
     def __call__(self, flat, bufs):
-        return self.runner(*flat, *[bufs[s] for s in self.buffers])
+        out = self.runner(*flat, *[bufs[s] for s in self.buffers])
+        if self.check:
+            contract.check_outputs_disjoint(out, bufs, where="step graph")
+        return out
 
 
 def _inductor_options(options) -> dict | None:

@@ -6,6 +6,14 @@ the adaLN gate of the *current* step times the cached attention or MLP output), 
 Triton kernel on CUDA tensors, the same arithmetic in PyTorch elsewhere (inductor
 cannot compile a ``triton_op`` on CPU tensors, and fuses the reference itself).
 
+The pattern is matched only where shapes prove it: the fused op takes a per-sample
+``(B, C)`` (or per-channel ``(1, C)``) gate, so the gate, broadcast against the
+``(B, N, C)`` cache value, must be constant along the token dimension. Broadcasting
+aligns shapes from the right: a rank-2 ``(B, C)`` operand times a ``(B, N, C)`` value is a
+per-*token* ``(N, C)`` gate (legal when ``B == N``), not a per-sample one. So the gate
+must have rank at most 3 and, right-aligned, the shape ``(B or 1, 1, C)``: DiT's
+``gate.unsqueeze(1)`` is ``(B, 1, C)``; ``(1, 1, C)`` and ``(C,)`` are per channel.
+
 The block-caching scale-shift (``cache * (1 + scale) + shift``) is inserted directly
 as :func:`fxcache.kernels.scale_shift` by :mod:`fxcache.calibrate.scale_shift`, so it
 needs no pattern here.
@@ -15,6 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+
+from . import contract
 
 __all__ = ["fuse_cache_reads"]
 
@@ -26,20 +36,23 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
-def _gate_2d(graph: fx.Graph, gate: fx.Node, batch: int, channels: int):
-    """A (B, C) view of a gate of shape (B, 1, C), (B, C), (1, 1, C) or (C,), or None."""
+def _gate_2d(graph: fx.Graph, gate: fx.Node, value_shape: tuple):
+    """A ``(B, C)`` or ``(1, C)`` view of ``gate``, or None unless the gate, broadcast
+    against a value of shape ``value_shape = (B, N, C)``, is provably constant along N:
+    rank <= 3 and, right-aligned, shape ``(B or 1, 1, C)``."""
     val = _val(gate)
-    if not isinstance(val, torch.Tensor):
+    if not isinstance(val, torch.Tensor) or val.ndim > 3:
         return None
-    shape = tuple(val.shape)
-    if shape == (batch, channels):
+    batch, _, channels = value_shape
+    aligned = (1,) * (3 - val.ndim) + tuple(val.shape)
+    if aligned[2] != channels or aligned[1] != 1 or aligned[0] not in (1, batch):
+        return None
+    rows = aligned[0]
+    if tuple(val.shape) == (rows, channels):
         return gate
-    if shape in ((batch, 1, channels), (1, 1, channels), (1, channels), (channels,)):
-        rows = shape[0] if len(shape) > 1 else 1
-        view = graph.call_function(torch.ops.aten.reshape.default, (gate, [rows, channels]))
-        view.meta["val"] = val.reshape(rows, channels)
-        return view
-    return None
+    view = graph.call_function(torch.ops.aten.reshape.default, (gate, [rows, channels]))
+    view.meta["val"] = val.reshape(rows, channels)
+    return view
 
 
 def fuse_cache_reads(gm: fx.GraphModule) -> int:
@@ -54,7 +67,6 @@ def fuse_cache_reads(gm: fx.GraphModule) -> int:
         cval = _val(buf)
         if not isinstance(cval, torch.Tensor) or cval.ndim != 3:
             continue
-        batch, _, channels = cval.shape
         for mul in list(buf.users):
             if mul.target not in _MUL or len(mul.users) != 1 or mul.kwargs:
                 continue
@@ -66,10 +78,13 @@ def fuse_cache_reads(gm: fx.GraphModule) -> int:
             xval = _val(x)
             if gate is buf or not isinstance(xval, torch.Tensor) or tuple(xval.shape) != tuple(cval.shape):
                 continue
+            mval = _val(mul)
+            if not isinstance(mval, torch.Tensor) or tuple(mval.shape) != tuple(cval.shape):
+                continue  # the gate broadcasts the value to a larger shape
             if xval.dtype != cval.dtype or _val(gate) is None or _val(gate).dtype != cval.dtype:
                 continue
             with graph.inserting_before(add):
-                gate2 = _gate_2d(graph, gate, batch, channels)
+                gate2 = _gate_2d(graph, gate, tuple(cval.shape))
                 if gate2 is None:
                     continue
                 new = graph.call_function(gated_residual, (x, gate2, buf, -1))
@@ -82,4 +97,5 @@ def fuse_cache_reads(gm: fx.GraphModule) -> int:
             fused += 1
     graph.lint()
     gm.recompile()
+    contract.maybe_check(gm, where="fusion")
     return fused

@@ -15,6 +15,12 @@ The step kinds, their liveness and the values read and written are exactly those
 glue between segments is Python (a dict of values and a few ``copy_``), so per-step
 dispatch costs more than one whole graph: the runtime picks segments only when the
 plan has more kinds of step than ``max_graphs``.
+
+As in the whole-step graphs, an output that is a cache buffer, or a view of one (a view
+computed in a segment from a buffer it was fed), is cloned before it is returned: a
+later step writes the buffer in place. With ``FXCACHE_CHECK=1`` every segment graph is
+checked (:mod:`fxcache.rewrite.contract`) and every step's outputs are checked to share
+no storage with a buffer.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from ..analyze.units import Unit
+from . import contract
 from .step_graphs import StepGraph, _Resolver
 
 __all__ = ["Segment", "SegmentProgram", "build_segments"]
@@ -49,9 +56,10 @@ class SegmentProgram:
     order: list  # segment indices to run
     sources: dict  # segment index -> list of ("buf", slot) | ("env", name) | ("in", i)
     writes: list  # (slot, source)
-    output: list  # sources of the flat outputs
+    output: list  # sources of the flat outputs; ("fresh", source) is a clone of source
     adapter: object = None  # ScaleShift applied at adapted cache reads
     temb: str | None = None
+    check: bool = False  # debug mode: check that no output shares storage with a buffer
 
     def __call__(self, flat: list, bufs: dict):
         env: dict = {}
@@ -64,6 +72,8 @@ class SegmentProgram:
                 return bufs[key]
             if kind == "adapt":
                 return self.adapter.apply(key[0], key[1], bufs[key], env[self.temb])
+            if kind == "fresh":
+                return get(key).clone()
             return env[key]
 
         for i in self.order:
@@ -71,9 +81,12 @@ class SegmentProgram:
             outs = seg.runner(*[get(s) for s in self.sources[i]])
             for name, value in zip(seg.outputs, outs):
                 env[name] = value
+        out = [get(s) for s in self.output]  # before the writes: a clone reads the buffer first
         for slot, src in self.writes:
             bufs[slot].copy_(get(src))
-        return [get(s) for s in self.output]
+        if self.check:
+            contract.check_outputs_disjoint(out, bufs, where="segment program")
+        return out
 
 
 def _segment_gm(root: fx.GraphModule, nodes: list[fx.Node], inputs: list[str], outputs: list[str]) -> fx.GraphModule:
@@ -94,7 +107,9 @@ def _segment_gm(root: fx.GraphModule, nodes: list[fx.Node], inputs: list[str], o
         env[node.name] = graph.node_copy(node, load)
     graph.output(tuple(env[o] for o in outputs))
     graph.lint()
-    return fx.GraphModule(root, graph, class_name="Segment")
+    gm = fx.GraphModule(root, graph, class_name="Segment")
+    contract.maybe_check(gm, where="segment")
+    return gm
 
 
 def build_segments(gm: fx.GraphModule, units: list[Unit], graphs: list[StepGraph], adapters=None):
@@ -148,12 +163,24 @@ def build_segments(gm: fx.GraphModule, units: list[Unit], graphs: list[StepGraph
         segments.append(Segment(i, [n.name for n in run], inputs, outputs, _segment_gm(gm, run, inputs, outputs), key[0]))
 
     placeholders = {p.name: i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    by_name = {n.name: n for n in gm.graph.nodes}
     programs = []
     for k, g in enumerate(graphs):
         resolver = _Resolver(units, g.reused)
         order = [s.index for s in segments if runs[s.index][0][1][k]]
         available: set[str] = set(placeholders)
         sources: dict[int, list] = {}
+
+        def may_alias_buffer(value: str, inside) -> bool:
+            """The value a user sees is a plain cache read or a view of one (adapted
+            reads are fresh tensors)."""
+            r = resolver.resolve(value, inside)
+            if r is not None:
+                return not (adapter is not None and adapter.has(*r))
+            node = by_name[value]
+            return any(
+                may_alias_buffer(a.name, lambda u, n=node.name: n in u.region) for a in contract.aliased_inputs(node)
+            )
 
         def source(value: str, inside):
             r = resolver.resolve(value, inside)
@@ -179,13 +206,16 @@ def build_segments(gm: fx.GraphModule, units: list[Unit], graphs: list[StepGraph
                 u = by_unit[w]
                 for kk, o in enumerate(u.outputs):
                     writes.append(((w, kk), source(o, lambda v, u=u: v.contains(u))))
-            output = [
-                source(a.name, lambda u: False) if isinstance(a, fx.Node) else ("const", a)
-                for a in out_node.args[0]
-            ]
+            output = []
+            for a in out_node.args[0]:
+                if not isinstance(a, fx.Node):
+                    output.append(("const", a))
+                    continue
+                src = source(a.name, lambda u: False)
+                output.append(("fresh", src) if may_alias_buffer(a.name, lambda u: False) else src)
         except LookupError:
             return None, segments
         if any(s[0] == "const" for s in output):
             return None, segments
-        programs.append(SegmentProgram(segments, order, sources, writes, output, adapter, temb))
+        programs.append(SegmentProgram(segments, order, sources, writes, output, adapter, temb, contract.enabled()))
     return programs, segments

@@ -13,7 +13,14 @@ meaning and nothing more:
   (:func:`solve_steps`);
 - only nodes that the output or a needed write depends on are copied into the new
   graph, so a unit whose output nobody needs at this step or later does not run at all
-  (the "mask rectification" of the timestep-aware masking paper, for any graph shape).
+  (the "mask rectification" of the timestep-aware masking paper, for any graph shape);
+- a graph output that would be a cache buffer, or a view of one (the model returns a
+  reused unit's value), is cloned: a later step writes the buffer in place, and the
+  caller's tensor must not change under it.
+
+Liveness over data edges is sound because the captured graph is free of mutation
+(capture functionalises it); :mod:`fxcache.rewrite.contract` states the invariants and
+checks every graph built here when ``FXCACHE_CHECK=1``.
 
 Dead code is decided by this pass's own liveness rule, not by FX's
 ``eliminate_dead_code``: in exported graphs FX treats ``aten.dropout`` and
@@ -34,8 +41,9 @@ from ..errors import UnsupportedModelError
 from ..kernels import scale_shift as scale_shift_op
 from ..analyze.units import Unit
 from ..plan import Plan, PlanError, StepKind
+from . import contract
 
-__all__ = ["StepGraph", "build_step_graph", "solve_steps", "buffer_name"]
+__all__ = ["StepGraph", "build_step_graph", "solve_steps", "buffer_name", "fresh_outputs"]
 
 
 def buffer_name(unit: str, k: int) -> str:
@@ -200,14 +208,16 @@ def build_step_graph(
         new = graph.node_copy(node, lambda a, n=node.name: load(a, n))
         env[node.name] = new
         executed.append(node.name)
+    out = gm.graph.find_nodes(op="output")[0]
+    outputs = fresh_outputs(graph, fx.map_arg(out.args[0], lambda a: load(a, out.name)))
     for slot in write_slots:
         src = write_src[slot]
         value = buf_nodes[src] if isinstance(src, tuple) else env[src]
         graph.call_function(torch.ops.aten.copy_.default, (buf_nodes[slot], value))
-    out = gm.graph.find_nodes(op="output")[0]
-    graph.output(fx.map_arg(out.args[0], lambda a: load(a, out.name)))
+    graph.output(outputs)
     graph.lint()
     new_gm = fx.GraphModule(gm, graph, class_name="StepGraph")
+    contract.maybe_check(new_gm, units=units, where="step graph")
     flops = graph_cost(gm, [n for n in gm.graph.nodes if n.name in live]).total
     return StepGraph(
         gm=new_gm,
@@ -219,6 +229,24 @@ def build_step_graph(
         nodes=len(graph.nodes),
         executed=frozenset(executed),
     )
+
+
+def fresh_outputs(graph: fx.Graph, outputs):
+    """``outputs`` (an output node's argument) with every value that is a cache buffer,
+    or a view of one, replaced by an ``aten.clone`` of it, inserted at the end of
+    ``graph`` (before the cache writes, which the caller appends next)."""
+    clones: dict = {}
+
+    def fresh(node: fx.Node) -> fx.Node:
+        if contract.buffer_alias(node) is None:
+            return node
+        if node not in clones:
+            clone = graph.call_function(torch.ops.aten.clone.default, (node,))
+            clone.meta["val"] = node.meta.get("val")
+            clones[node] = clone
+        return clones[node]
+
+    return fx.map_arg(outputs, fresh)
 
 
 @dataclass
