@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,11 +81,18 @@ _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A Python or numpy real scalar (``for t in np_timesteps`` yields numpy scalars)."""
+    if isinstance(x, (int, float)):
+        return not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and type(x).__module__ == "numpy" and type(x).__name__ != "bool"
+
+
+def _is_integral(x) -> bool:
+    return isinstance(x, numbers.Integral)
 
 
 def _normalize_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Python-number timesteps become tensors, so that export does not bake them in.
+    """Python- or numpy-number timesteps become tensors, so that export does not bake them in.
 
     On the per-step path: when no argument is a Python number (the usual case) this
     returns at once; otherwise the signature is looked up once per model class."""
@@ -103,7 +111,8 @@ def _normalize_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
         else:
             continue
         if _is_number(value):
-            tensor = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float32)
+            tensor = torch.tensor(value.item() if hasattr(value, "item") else value,
+                                  dtype=torch.int64 if _is_integral(value) else torch.float32)
             if name in kwargs:
                 kwargs = {**kwargs, name: tensor}
             else:

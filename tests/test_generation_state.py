@@ -541,3 +541,16 @@ def test_torch_compile_of_a_cached_model_is_a_pass_through():
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] == len(cm.plan.step_kinds)  # fxcache's own graphs only
     cm.compile()  # nn.Module.compile in place: a no-op
+
+
+@pytest.mark.parametrize("kind", ["int64", "int32", "float64"])  # the plain UNet2DModel rejects np.float32
+def test_numpy_scalar_timesteps_work_as_with_the_plain_model(kind):
+    T = tiny("unet2d")
+    cm = fxcache.compile(T.model, PERIOD3, **EAGER)
+    x = T.inputs(T.timesteps[0])[0][0]
+    with torch.no_grad():
+        for i, t in enumerate(np.array([999, 500, 1], dtype=kind)):
+            out = cm(x, t).sample
+            if i == 0:
+                assert torch.equal(out, T.model(x, t).sample)
+        assert cm.step == 3 and len(cm.entries) == 1  # one signature: the value is not baked in
