@@ -14,47 +14,10 @@ from .analyze.units import UnitSet, find_units
 from .capture import capture
 from .errors import UnitError
 from .plan import Plan, PlanError
+from .planning import lower_to_plan
 from .runtime import CachedModel, CompileOptions
 
 __all__ = ["compile", "units", "plan_for", "attach", "enable", "disable", "detach"]
-
-
-def _lower_to_plan(schedule, unitset: UnitSet, num_steps: int | None) -> Plan:
-    from .schedules import lower
-
-    infos = unitset.infos()
-    mask = lower(schedule, infos, num_steps)
-    by_name = unitset.by_name()
-    missing = [n for n in mask.units if n not in by_name]
-    if missing:
-        raise UnitError(f"the schedule names units {missing} that this model does not have")
-    _check_laminar([by_name[n] for n in mask.units])
-    notes = []
-    skips = sorted((u for u in unitset if u.kind == "skip_branch"), key=lambda u: u.index)
-    if skips and any(by_name[n].kind == "skip_branch" for n in mask.units):
-        full = unitset.full_flops
-        notes.append("partial step cost per DeepCache branch (FLOPs of a partial step / full step):")
-        for u in skips:
-            notes.append(f"  branch {u.index}: {(full - u.flops) / full:6.1%}  ({u.name})")
-    return Plan(
-        unitset.infos(list(mask.units)),
-        mask.table,
-        periodic=mask.periodic,
-        full_flops=unitset.full_flops,
-        schedule=schedule,
-        notes=notes,
-    )
-
-
-def _check_laminar(units) -> None:
-    for i, a in enumerate(units):
-        for b in units[i + 1 :]:
-            inter = a.region & b.region
-            if inter and not (inter == a.region or inter == b.region):
-                raise UnitError(
-                    f"units '{a.name}' and '{b.name}' overlap without one containing the other "
-                    f"({len(inter)} shared nodes); a plan's units must be nested or disjoint: drop one of them"
-                )
 
 
 def compile(
@@ -118,7 +81,7 @@ def plan_for(model: torch.nn.Module, schedule, *example_args, num_steps: int | N
 
     captured = capture(model, example_args, example_kwargs)
     unitset = find_units(captured.gm)
-    plan = _lower_to_plan(schedule, unitset, num_steps)
+    plan = lower_to_plan(schedule, unitset, num_steps, type(model).__name__)
     solved = solve_steps(captured.gm, [u for u in unitset if u.name in set(plan.units)], plan)
     return plan.bind(solved.kind_of_step, solved.step_kinds)
 

@@ -89,6 +89,7 @@ from .capture import Captured, capture, flatten_call, signature_of
 from .dropin import DropIn
 from .errors import CheckpointError, FxcacheError
 from .plan import Plan
+from .planning import lower_to_plan
 from .rewrite.step_graphs import SolvedSteps, build_step_graph, solve_steps
 
 __all__ = ["CachedModel", "CompileOptions", "UnsupportedCallError"]
@@ -386,11 +387,9 @@ class CachedModel(DropIn):
         return None
 
     def _build(self, args: tuple, kwargs: dict, signature: tuple) -> _Entry:
-        from .api import _lower_to_plan  # local: api imports this module
-
         captured = capture(self.model, args, kwargs)
         units = find_units(captured.gm)
-        plan = _lower_to_plan(self.schedule, units, self.options.num_steps)
+        plan = lower_to_plan(self.schedule, units, self.options.num_steps, type(self.model).__name__)
         adapters = self._adapters(captured, units, plan)
         plan_units = [u for u in units if u.name in set(plan.units)]
         solved = solve_steps(captured.gm, plan_units, plan, adapters)
@@ -447,7 +446,7 @@ class CachedModel(DropIn):
 
         adapter = source if isinstance(source, ScaleShift) else ScaleShift.load(source)
         by_name = units.by_name()
-        adapter.check_compatible(type(self.model).__name__, {u: by_name[u].out_shapes for u in by_name})
+        adapter.check_compatible(type(self.model).__name__, {u: by_name[u].out_shapes for u in by_name}, plan)
         missing = [u for u in adapter.units if u not in plan.units]
         if missing:
             raise CheckpointError(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import fxcache
 from fxcache.analyze.units import find_units
-from fxcache.api import _lower_to_plan
+from fxcache.planning import lower_to_plan
 from fxcache.calibrate.mask_learning import (
     _liveness_rectify,
     learn_mask,
@@ -319,7 +319,7 @@ def dit_graph(dit):
 
 
 def _executed(gm, us, units, mask):
-    plan = _lower_to_plan(mask, us, None)
+    plan = lower_to_plan(mask, us, None)
     solved = solve_steps(gm, units, plan)
     plan = plan.bind(solved.kind_of_step, solved.step_kinds)
     return [solved.graphs[solved.kind_of_step[t]].executed for t in range(mask.num_steps)], [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -163,6 +164,29 @@ def test_deepcache_errors():
     with pytest.raises(ScheduleError, match="DeepCache.uniform"):
         DeepCache(interval=2, branch=0, uniform="no")
 
+
+
+@pytest.mark.parametrize("interval", [10**6, 2**70])
+def test_huge_intervals_are_bounded_by_the_steps(interval):
+    # an interval >= num_steps means only step 0 is full; no table of `interval` rows
+    start = time.perf_counter()
+    for sched, units in (
+        (DeepCache(interval=interval, branch=0), unet_units()),
+        (DeepCache(interval=interval, branch=0, uniform=False), unet_units()),
+        (FORA(interval), dit_units(2)),
+    ):
+        mask = lower(sched, units, 10)
+        assert mask.expand(10).table == (mask.table[0],) + ((False,) * len(mask.units),) * 9
+        assert all(mask.table[0]) and mask.num_steps <= 10
+        plan_of(sched, units, 10)
+    assert time.perf_counter() - start < 2.0
+    # unknown number of steps: a clear error instead of an overflow or a huge table
+    with pytest.raises(ScheduleError, match=r"DeepCache.interval = .* pass num_steps"):
+        lower(DeepCache(interval=interval, branch=0), unet_units())
+    with pytest.raises(ScheduleError, match=r"FORA.interval = .* pass num_steps"):
+        lower(FORA(interval), dit_units(2))
+    # a long but bounded period still lowers without num_steps
+    assert lower(FORA(1000), dit_units(1)).num_steps == 1000
 
 @settings(max_examples=150, deadline=None)
 @given(st.data())
@@ -393,6 +417,61 @@ def test_mask_save_load(tmp_path):
         Mask.from_json(FORA(2).to_json())
 
 
+
+def test_mask_accepts_numpy_bools():
+    table = np.array([[True, False], [False, True]])
+    m = Mask(table, ["a", "b"])
+    assert m.table == ((True, False), (False, True))
+    assert Mask([[np.bool_(True), np.bool_(False)]], ["a", "b"]).table == ((True, False),)
+    assert Mask([[np.int64(1), np.uint8(0)]], ["a", "b"]).table == ((True, False),)
+    assert Mask(np.array([[1, 0]]), ["a", "b"]).table == ((True, False),)
+    with pytest.raises(ScheduleError, match="entry 2"):
+        Mask(np.array([[1, 2]]), ["a", "b"])
+    with pytest.raises(ScheduleError, match="entry 0.5"):
+        Mask(np.array([[0.5, 1.0]]), ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (bytes(range(256)), "not UTF-8 text"),
+        (b"{", "not valid schedule JSON"),
+        (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+        (b'{"type": ["Mask"], "table": ["1"], "units": ["a"]}', "schedule type"),
+        (b'{"type": "Mask", "units": ["a"]}', "needs 'table'"),
+        (b'{"type": "Mask", "units": "ab", "table": 5}', "Mask.units"),
+        (b'{"type": "Mask", "units": ["a"], "table": [{"x": 1}]}', "row 0"),
+        (b'{"type": "Mask", "units": [1], "table": ["1"]}', "Mask.units"),
+        (b'{"type": "Mask", "units": ["a"], "table": ["1"], "periodic": "yes"}', "Mask.periodic"),
+        (b'{"type": "FORA", "interval": 2}', "holds a FORA"),
+    ],
+    ids=["binary", "bad-json", "deep", "type-list", "no-table", "wrong-types", "row-dict", "unit-int", "periodic-str",
+         "not-a-mask"],
+)
+def test_mask_load_errors_name_the_file(tmp_path, content, match):
+    path = tmp_path / "mask.json"
+    path.write_bytes(content)
+    with pytest.raises(ScheduleError, match=match) as info:
+        Mask.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_mask_load_of_a_directory_or_nothing(tmp_path):
+    with pytest.raises(ScheduleError, match="is a directory") as info:
+        Mask.load(tmp_path)
+    assert str(tmp_path) in str(info.value)
+    with pytest.raises(ScheduleError, match="no mask at"):
+        Mask.load(tmp_path / "missing.json")
+
+
+def test_schedule_dict_with_missing_or_bad_fields():
+    with pytest.raises(ScheduleError, match=r"FORA needs the fields \['interval'\]"):
+        schedule_from_dict({"type": "FORA"})
+    with pytest.raises(ScheduleError, match=r"schedule type = \['FORA'\] is unknown"):
+        schedule_from_dict({"type": ["FORA"]})
+    with pytest.raises(ScheduleError, match="BlockCache.profile"):
+        schedule_from_dict({"type": "BlockCache", "threshold": 0.1, "profile": {"units": 3}})
+
 # -------------------------------------------------------------------------- rectify
 def test_rectify_hand_made_4x3():
     m = Mask(
@@ -488,18 +567,18 @@ def test_register_lowering_dispatches_on_type():
     try:
         assert lower(EveryOther(), dit_units(2)).units == ("transformer_blocks.0", "transformer_blocks.1")
     finally:
-        from fxcache import schedules
+        from fxcache.schedules import registry
 
-        schedules._LOWERINGS.pop(EveryOther)
+        registry._LOWERINGS.pop(EveryOther)
 
 
-def all_schedules(profile: Profile, path: str):
+def all_schedules(profile: Profile, path: str, scale_shift: str):
     return [
         DeepCache(interval=3, branch=1),
         DeepCache(interval=4, branch=0, uniform=False, center=5.0, power=1.3, num_steps=40),
         FORA(interval=2),
         BlockCache(0.3, profile),
-        BlockCache(0.3, path, units=("attention", "transformer_blocks.0.ff"), scale_shift="ss.safetensors"),
+        BlockCache(0.3, path, units=("attention", "transformer_blocks.0.ff"), scale_shift=scale_shift),
         LearnedMask(lambda_bimodal=0.2, units=("transformer_blocks.0", "transformer_blocks.1"), num_steps=20),
         Mask([[1, 0], [0, 1]], ["a", "b"]),
     ]
@@ -508,7 +587,11 @@ def all_schedules(profile: Profile, path: str):
 def test_json_round_trip_every_schedule(tmp_path):
     prof = synthetic_profile()
     path = prof.save(tmp_path / "p.safetensors")
-    for s in all_schedules(prof, path):
+    # a BlockCache reads the checkpoint it names when it is built: a real (untrained) one
+    from fxcache.calibrate.scale_shift import ScaleShift
+
+    ss = ScaleShift({"transformer_blocks.0.attn1": [((1, 4, 6), "float32")]}, 3, temb_module="t")
+    for s in all_schedules(prof, path, ss.save(tmp_path / "ss.safetensors")):
         text = s.to_json()
         json.loads(text)  # strict JSON (no NaN)
         back = schedule_from_json(text)

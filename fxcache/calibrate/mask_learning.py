@@ -248,10 +248,10 @@ def _is_chain(gm, units: list[Unit]) -> bool:
 def _liveness_rectify(gm, unitset: UnitSet, units: list[Unit], mask: Mask) -> Mask:
     """Clear cells whose unit the rewrite would not run (its value is read by no one at
     this step or later): the compiler's rectification, for any graph shape."""
-    from ..api import _lower_to_plan
+    from ..planning import lower_to_plan
     from ..rewrite.step_graphs import solve_steps
 
-    plan = _lower_to_plan(mask, unitset, None)
+    plan = lower_to_plan(mask, unitset, None)
     solved = solve_steps(gm, units, plan)
     table = [list(r) for r in mask.table]
     by_name = {u.name: u for u in units}

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import CheckpointError, FxcacheError
+from ..errors import FxcacheError
 
 __all__ = ["Profile", "ProfileError"]
 
@@ -193,66 +193,87 @@ class Profile:
         if "units" not in d or "l1rel" not in d:
             raise ProfileError("a profile dict needs 'units' and 'l1rel'")
 
-        def dec(a):
+        if not isinstance(d["units"], (list, tuple)):
+            raise ProfileError(f"a profile dict's 'units' must be a list of unit names; got {d['units']!r}")
+        if not isinstance(d.get("meta") or {}, dict):
+            raise ProfileError(f"a profile dict's 'meta' must be a dict; got {type(d['meta']).__name__}")
+
+        def dec(name):
+            a = d.get(name)
             if a is None:
                 return None
-            return np.array([[np.nan if x is None else x for x in row] for row in a], dtype=np.float64)
+            try:
+                return np.array([[np.nan if x is None else x for x in row] for row in a], dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise ProfileError(f"a profile dict's '{name}' must be rows of numbers (null for NaN): {exc}") from None
 
         ts = d.get("timesteps")
+        try:
+            ts = None if ts is None else np.array([np.nan if x is None else x for x in ts], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ProfileError(f"a profile dict's 'timesteps' must be a list of numbers: {exc}") from None
         return cls(
             units=tuple(d["units"]),
-            l1rel=dec(d["l1rel"]),
-            cosine=dec(d.get("cosine")),
-            timesteps=None if ts is None else np.array([np.nan if x is None else x for x in ts], dtype=np.float64),
+            l1rel=dec("l1rel"),
+            cosine=dec("cosine"),
+            timesteps=ts,
             meta=dict(d.get("meta") or {}),
-            l1rel_std=dec(d.get("l1rel_std")),
+            l1rel_std=dec("l1rel_std"),
         )
 
     def save(self, path: str | os.PathLike) -> str:
         """Write a ``.safetensors`` file (arrays) whose metadata holds units and meta as JSON."""
-        from safetensors.numpy import save_file
+        from .artefacts import write_artefact
 
         tensors = {a: np.ascontiguousarray(getattr(self, a)) for a in _ARRAYS if getattr(self, a) is not None}
         header = {"version": _FORMAT_VERSION, "units": list(self.units), "meta": self.meta}
-        path = os.fspath(path)
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        save_file(tensors, path, metadata={_META_KEY: json.dumps(header)})
-        return path
+        return write_artefact(path, key=_META_KEY, header=header, tensors=tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
-        from safetensors import safe_open
+        """Read a profile written by :meth:`save`. Any problem with the file is a
+        :class:`~fxcache.errors.CheckpointError` naming it; the declared shapes are checked
+        before any array is read."""
+        from .artefacts import read_artefact
 
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise CheckpointError(f"no profile at '{path}'; record one with the profiler (fxcache profile) first")
-        try:
-            with safe_open(path, framework="np") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"'{path}' is not a readable safetensors profile: {exc}") from None
-        if _META_KEY not in metadata:
-            raise CheckpointError(
-                f"'{path}' has no '{_META_KEY}' metadata: it is a safetensors file but not an fxcache profile"
-            )
-        header = json.loads(metadata[_META_KEY])
-        if header.get("version") != _FORMAT_VERSION:
-            raise CheckpointError(
-                f"profile '{path}' has format version {header.get('version')!r}; this fxcache reads {_FORMAT_VERSION}"
-            )
-        if "l1rel" not in tensors:
-            raise CheckpointError(f"profile '{path}' has no 'l1rel' tensor")
-        return cls(
-            units=tuple(header["units"]),
-            l1rel=tensors["l1rel"],
-            cosine=tensors.get("cosine"),
-            timesteps=tensors.get("timesteps"),
-            meta=header.get("meta") or {},
-            l1rel_std=tensors.get("l1rel_std"),
+        art = read_artefact(
+            path,
+            key=_META_KEY,
+            what="profile",
+            version=_FORMAT_VERSION,
+            missing_hint="record one with the profiler (fxcache.profile, or `fxcache profile`) first",
         )
+        units = art.field(
+            "units",
+            lambda v: isinstance(v, list) and bool(v) and all(isinstance(u, str) and u for u in v),
+            "a non-empty list of unit names",
+        )
+        meta = art.field("meta", lambda v: isinstance(v, dict), "a JSON object", default={})
+        stored = art.tensor("l1rel")
+        if len(stored) != 2 or stored[1] != len(units) or stored[0] < 1:
+            raise art.error(
+                f"tensor 'l1rel' has shape {stored} but the metadata names {len(units)} units; expected "
+                f"(num_steps >= 1, {len(units)})",
+                "the file is damaged: profile again",
+            )
+        present = ["l1rel"]
+        for name in _ARRAYS[1:]:
+            if name in art.tensors:
+                expected = stored[:1] if name == "timesteps" else stored
+                art.tensor(name, expected, why=f", the {'steps' if name == 'timesteps' else 'shape'} of 'l1rel'")
+                present.append(name)
+        arrays = art.load(present)
+        try:
+            return cls(
+                units=tuple(units),
+                l1rel=arrays["l1rel"],
+                cosine=arrays.get("cosine"),
+                timesteps=arrays.get("timesteps"),
+                meta=meta,
+                l1rel_std=arrays.get("l1rel_std"),
+            )
+        except ProfileError as exc:
+            raise art.error(str(exc), "the file is damaged: profile again") from None
 
     # --------------------------------------------------------------- plotting
     def plot(self, path: str | os.PathLike | None = None, units: Sequence[str] | None = None, *, max_lines: int = 16):

@@ -343,6 +343,7 @@ def profile(
         "seeds": [int(s) if isinstance(s, (int, np.integer)) else str(s) for s in seeds],
         "num_steps": int(stack.shape[1]),
         "kinds": kinds,
+        "out_shapes": {u.name: [list(s) for s, _ in u.out_shapes] for u in entry.unitset if u.name in set(names)},
         "residual": entry.residual,
         "metric": "l1rel = |C(t)-C(t-1)|_1/|C(t)|_1 of the residual contribution C (block caching Eq. 6); "
         "cosine of C(t), C(t-1); mean over seeds, l1rel_std population std",

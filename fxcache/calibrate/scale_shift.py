@@ -71,11 +71,20 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedModelError
+from .artefacts import (
+    SCALE_SHIFT_KEY,
+    SCALE_SHIFT_VERSION,
+    adapter_key,
+    check_trained_table,
+    describe_schedule,
+    read_scale_shift,
+    write_artefact,
+)
 
 __all__ = ["ScaleShift", "StudentRun", "train_scale_shift", "evaluate_scale_shift"]
 
-_META_KEY = "fxcache.scale_shift"
-_FORMAT_VERSION = 1
+_META_KEY = SCALE_SHIFT_KEY
+_FORMAT_VERSION = SCALE_SHIFT_VERSION
 _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 
 Sampler = Callable[[nn.Module, int], Any]
@@ -130,6 +139,11 @@ def _unit_shapes_arg(unit_shapes: Any) -> dict[str, list[tuple[tuple[int, ...], 
     return {u.name: _norm_shapes(u.out_shapes, u.name) for u in unit_shapes}
 
 
+def _is_plan(x: Any) -> bool:
+    """A ``Plan`` (a table over units, not a serialisable schedule)."""
+    return not hasattr(x, "to_dict") and all(hasattr(x, a) for a in ("table", "units", "periodic"))
+
+
 def _schedule_dict(schedule: Any) -> dict | None:
     """A schedule config, a ``Mask``, its dict or its JSON → its dict (None stays None)."""
     if schedule is None:
@@ -141,6 +155,13 @@ def _schedule_dict(schedule: Any) -> dict | None:
             raise CheckpointError(f"schedule_json is not valid JSON: {exc}") from None
     if hasattr(schedule, "to_dict"):
         schedule = schedule.to_dict()
+    elif _is_plan(schedule):  # its table, as a Mask
+        schedule = {
+            "type": "Mask",
+            "units": list(schedule.units),
+            "table": ["".join("1" if v else "0" for v in row) for row in schedule.table],
+            "periodic": bool(schedule.periodic),
+        }
     if not isinstance(schedule, dict):
         raise CheckpointError(f"a schedule, its dict or its JSON is expected; got {type(schedule).__name__}")
     return json.loads(json.dumps(schedule))  # a plain copy (tuples → lists)
@@ -149,17 +170,6 @@ def _schedule_dict(schedule: Any) -> dict | None:
 def _strip_schedule(d: dict) -> dict:
     # The checkpoint path a BlockCache names is not part of what the adapters were trained for.
     return {k: v for k, v in d.items() if k != "scale_shift"}
-
-
-def _mask_columns(d: dict, num_steps: int) -> dict[str, tuple[bool, ...]]:
-    rows = [[c == "1" for c in r] if isinstance(r, str) else [bool(v) for v in r] for r in d["table"]]
-    if d.get("periodic"):
-        rows = [rows[s % len(rows)] for s in range(num_steps)]
-    return {u: tuple(r[i] for r in rows) for i, u in enumerate(d["units"])}
-
-
-def _steps(col: Sequence[bool], value: bool) -> list[int]:
-    return [s for s, v in enumerate(col) if v == value]
 
 
 # ----------------------------------------------------------------------- ScaleShift
@@ -232,7 +242,7 @@ class ScaleShift(nn.Module):
     def key(unit: str, k: int = 0) -> str:
         """ModuleDict key of output ``k`` of ``unit``: dots (never in a key) become ``-``
         (never in a module path), so keys are unique; ``:k`` names the output."""
-        return f"{unit.replace('.', '-')}:{int(k)}"
+        return adapter_key(unit, k)
 
     def has(self, unit: str, k: int = 0) -> bool:
         """Whether output ``k`` of ``unit`` has an adapter."""
@@ -289,10 +299,11 @@ class ScaleShift(nn.Module):
         """Raise :class:`~fxcache.errors.CheckpointError` unless these adapters fit a model of
         class ``model_class_name`` whose units have ``unit_shapes`` (``{unit: out_shapes}``,
         a ``UnitSet`` or a list of ``Unit``s), and, when given, the schedule
-        ``schedule_json`` (a schedule, a ``Mask``, their dict or JSON). Batch and spatial
-        sizes may differ; channel counts and layouts may not. A ``Mask`` is compared table
-        against table (the robust check); a schedule config field by field, ignoring
-        ``BlockCache.scale_shift``.
+        ``schedule_json`` (a schedule, a ``Mask``, a ``Plan``, their dict or JSON). Batch
+        and spatial sizes may differ; channel counts and layouts may not. A ``Mask`` or a
+        ``Plan`` is compared table against the table the adapters were trained for (the
+        robust check; what the runtime passes when it attaches adapters to a plan); a
+        schedule config field by field, ignoring ``BlockCache.scale_shift``.
         """
         m = self.meta
         want = m.get("model_class") or ""
@@ -327,36 +338,16 @@ class ScaleShift(nn.Module):
                         f"{where} has {c} channels here but {c_saved} in the checkpoint "
                         f"(shape {tuple(shape)} vs {tuple(saved_shape)}): train adapters for this model"
                     )
+        if _is_plan(schedule_json) and m.get("mask") is None:
+            # no recorded table to compare the plan's with: compare the schedule it came from
+            schedule_json = getattr(schedule_json, "schedule", None)
         if schedule_json is not None:
             self._check_schedule(_schedule_dict(schedule_json))
 
     def _check_schedule(self, given: dict) -> None:
         m = self.meta
         if given.get("type") == "Mask" and m.get("mask") is not None:
-            n = m.get("num_steps") or len(m["mask"]["table"])
-            if not given.get("periodic") and len(given["table"]) != n:
-                raise CheckpointError(
-                    f"the schedule covers {len(given['table'])} steps but these scale-shift adapters were "
-                    f"trained for {n} steps: train adapters for this schedule"
-                )
-            mine, theirs = _mask_columns(m["mask"], n), _mask_columns(given, n)
-            for unit, col in theirs.items():
-                if False not in col:
-                    continue  # always computed: never reads a cache
-                if unit not in mine:
-                    raise CheckpointError(
-                        f"the schedule reuses unit '{unit}' (at steps {_steps(col, False)}) but these scale-shift "
-                        f"adapters were trained for a schedule without it (units {list(mine)}): "
-                        f"train adapters for this schedule"
-                    )
-            for unit in set(mine) | set(theirs):
-                a, b = mine.get(unit, (True,) * n), theirs.get(unit, (True,) * n)
-                if a != b:
-                    raise CheckpointError(
-                        f"the schedule computes unit '{unit}' at steps {_steps(b, True)}, but these scale-shift "
-                        f"adapters were trained with it computed at steps {_steps(a, True)} (another schedule): "
-                        f"train adapters for this schedule"
-                    )
+            check_trained_table(m["mask"], m.get("num_steps"), given, trained_for=describe_schedule(m.get("schedule")))
             return
         saved = m.get("schedule")
         if saved is None:
@@ -375,62 +366,35 @@ class ScaleShift(nn.Module):
 
     # ------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> str:
-        """Write one ``.safetensors`` file: the weights, and ``meta`` as JSON in its metadata."""
-        from safetensors.torch import save_file
-
-        path = os.fspath(path)
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+        """Write one ``.safetensors`` file: the weights, and ``meta`` as JSON in its metadata
+        (with the table the adapters were trained for, ``meta["mask"]``, when known)."""
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, path, metadata={_META_KEY: json.dumps(self.meta, allow_nan=False)})
-        return path
+        return write_artefact(path, key=_META_KEY, header=self.meta, tensors=tensors, framework="pt")
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "ScaleShift":
-        """Read a checkpoint written by :meth:`save`."""
-        from safetensors import safe_open
-
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise CheckpointError(f"no scale-shift checkpoint at '{path}'; train one with train_scale_shift(..., checkpoint=path)")
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"'{path}' is not a readable safetensors file: {exc}") from None
-        if _META_KEY not in metadata:
-            raise CheckpointError(
-                f"'{path}' has no '{_META_KEY}' metadata: it is a safetensors file but not fxcache scale-shift adapters"
-            )
-        meta = json.loads(metadata[_META_KEY])
-        if meta.get("version") != _FORMAT_VERSION:
-            raise CheckpointError(
-                f"scale-shift checkpoint '{path}' has format version {meta.get('version')!r}; this fxcache reads "
-                f"{_FORMAT_VERSION}"
-            )
+        """Read a checkpoint written by :meth:`save`. Any problem with the file is a
+        :class:`~fxcache.errors.CheckpointError` naming it; every size the metadata declares
+        is checked against the stored tensors before anything is allocated."""
+        art = read_scale_shift(path)
+        meta = art.header
         shapes = {u: [(tuple(s), d) for s, d in meta["out_shapes"][u]] for u in meta["units"]}
         obj = cls(
             shapes,
-            int(meta["temb_dim"]),
+            meta["temb_dim"],
             temb_module=meta["temb_module"],
             model_class=meta.get("model_class", ""),
             mask=meta.get("mask"),
             num_steps=meta.get("num_steps"),
         )
         obj.meta = meta
-        missing = sorted(set(obj.state_dict()) - set(tensors))
-        extra = sorted(set(tensors) - set(obj.state_dict()))
-        if missing or extra:
-            raise CheckpointError(
-                f"scale-shift checkpoint '{path}' does not match its own metadata: missing tensors {missing[:6]}, "
-                f"unexpected tensors {extra[:6]}"
-            )
+        names = list(obj.state_dict())
+        if sorted(names) != sorted(art.tensors):  # pragma: no cover - read_scale_shift checked the names
+            raise art.error(f"its tensors {sorted(art.tensors)[:6]} are not the adapters' {sorted(names)[:6]}")
         try:
-            obj.load_state_dict(tensors)
+            obj.load_state_dict(art.load(names, framework="pt"))
         except RuntimeError as exc:
-            raise CheckpointError(f"scale-shift checkpoint '{path}': {exc}") from None
+            raise art.error(str(exc), "the file is damaged: train and save the adapters again") from None
         return obj.to(device)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,74 @@
+"""Timestep-aware block masking (timestep-aware-block-masking.txt): the hyper-parameters
+of mask learning. The learned table is a :class:`~.mask.Mask`. Pure Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..plan import UnitInfo
+from ._validate import ScheduleError, _bad, _check_bool, _check_int, _check_real, _check_selector, _Config
+from .mask import Mask
+from .registry import _serialisable, register_lowering
+
+__all__ = ["LearnedMask"]
+
+
+# -------------------------------------------------------------------------- LearnedMask
+@_serialisable
+@dataclass(frozen=True)
+class LearnedMask(_Config):
+    """Hyper-parameters of timestep-aware block masking (timestep-aware-block-masking.txt).
+
+    Not lowerable by itself: ``mask = fxcache.learn_mask(model, LearnedMask(...), ...)``
+    learns a :class:`Mask`, which is what gets compiled.
+
+    lambda_sparsity: λ1, weight of Σ_b α_b (push towards reuse).
+    lambda_bimodal:  λ2, weight of Σ_b α_b (1 - α_b) (push α to 0/1).
+    lr, iters:       optimiser step size and iterations per timestep.
+    threshold:       α > threshold → compute (1), else reuse (0).
+    units:           which units the mask covers (a kind, or kinds / unit names).
+    num_steps:       steps to learn the mask for (None: the generation's).
+    loss_scaling:    use the timestep-aware weights w_t (Sec. 3.4).
+    rectify:         apply :func:`rectify` to the thresholded mask (Sec. 3.5).
+    seed:            seed of the noise and of the mask sampling.
+    """
+
+    # λ1 > λ2: near α = 1 the regulariser's slope is λ1 - λ2 and the feature loss only
+    # rewards computing, so with λ1 <= λ2 nothing is ever reused (measured on the
+    # embedded DiT: 3e-3 / 1e-3 computes half the blocks at 10 steps).
+    lambda_sparsity: float = 3e-3
+    lambda_bimodal: float = 1e-3
+    lr: float = 1e-1
+    iters: int = 100
+    threshold: float = 0.5
+    units: str | tuple[str, ...] = "transformer_block"
+    num_steps: int | None = None
+    loss_scaling: bool = True
+    rectify: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        c = "LearnedMask"
+        object.__setattr__(self, "lambda_sparsity", _check_real(c, "lambda_sparsity", self.lambda_sparsity, 0.0))
+        object.__setattr__(self, "lambda_bimodal", _check_real(c, "lambda_bimodal", self.lambda_bimodal, 0.0))
+        lr = _check_real(c, "lr", self.lr, 0.0)
+        if lr == 0.0:
+            raise _bad(c, "lr", self.lr, "a finite number > 0")
+        object.__setattr__(self, "lr", lr)
+        object.__setattr__(self, "iters", _check_int(c, "iters", self.iters, 1))
+        threshold = _check_real(c, "threshold", self.threshold, 0.0, maximum=1.0)
+        object.__setattr__(self, "threshold", threshold)
+        object.__setattr__(self, "units", _check_selector(c, "units", self.units))
+        object.__setattr__(self, "num_steps", _check_int(c, "num_steps", self.num_steps, 1, optional=True))
+        _check_bool(c, "loss_scaling", self.loss_scaling)
+        _check_bool(c, "rectify", self.rectify)
+        object.__setattr__(self, "seed", _check_int(c, "seed", self.seed, 0))
+
+
+@register_lowering(LearnedMask)
+def _lower_learned(s: LearnedMask, units: list[UnitInfo], num_steps: int | None) -> Mask:
+    raise ScheduleError(
+        "LearnedMask holds the hyper-parameters of mask learning and has no table to lower; learn the mask "
+        "first with `mask = fxcache.learn_mask(model, LearnedMask(...), ...)` (it returns a Mask, which can "
+        "be saved with mask.save(path)), then compile with that Mask"
+    )
