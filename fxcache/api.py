@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Sequence
+import os
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import torch
 
@@ -17,23 +18,29 @@ from .plan import Plan, PlanError
 from .planning import lower_to_plan
 from .runtime import CachedModel, CompileOptions
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .calibrate.scale_shift import ScaleShift
+    from .schedules import FORA, BlockCache, DeepCache, LearnedMask, Mask
+
+    Schedule = Union[Mask, DeepCache, FORA, BlockCache, LearnedMask]
+
 __all__ = ["compile", "units", "plan_for", "attach", "enable", "disable", "detach"]
 
 
 def compile(
     model: torch.nn.Module,
-    schedule,
+    schedule: Schedule,
     *,
     backend: str | None = "inductor",
     mode: str | None = None,
     num_steps: int | None = None,
     max_shapes: int = 4,
     fuse: bool = True,
-    options: dict | None = None,
+    options: dict[str, Any] | None = None,
     freezing: bool | None = None,
     segments: bool | str = "auto",
     max_graphs: int = 8,
-    scale_shift=None,
+    scale_shift: ScaleShift | str | os.PathLike | None = None,
     timestep_rule: str = "auto",
     repeated_timesteps: bool = False,
 ) -> CachedModel:
@@ -75,7 +82,7 @@ def units(model: torch.nn.Module, *example_args, **example_kwargs) -> UnitSet:
     return find_units(capture(model, example_args, example_kwargs).gm)
 
 
-def plan_for(model: torch.nn.Module, schedule, *example_args, num_steps: int | None = None, **example_kwargs) -> Plan:
+def plan_for(model: torch.nn.Module, schedule: Schedule, *example_args, num_steps: int | None = None, **example_kwargs) -> Plan:
     """The plan ``schedule`` gives on ``model`` for these inputs, bound to its rewritten graphs."""
     from .rewrite.step_graphs import solve_steps
 
@@ -115,7 +122,7 @@ def _originals(pipe):
             setattr(pipe, name, comp)
 
 
-def attach(pipe, schedule=None, *, denoiser: str | None = None, **compile_kwargs):
+def attach(pipe: Any, schedule: Schedule | None = None, *, denoiser: str | None = None, **compile_kwargs: Any) -> Any:
     """Put a cached denoiser into a diffusers pipeline and start a new generation at
     every call of the pipeline. ``schedule=None`` keeps an already cached denoiser.
     ``pipe.save_pretrained`` then writes the original denoiser (a pipeline that loads
@@ -164,7 +171,7 @@ def attach(pipe, schedule=None, *, denoiser: str | None = None, **compile_kwargs
     return pipe
 
 
-def enable(target, schedule, *, denoiser: str | None = None, **options):
+def enable(target: Any, schedule: Schedule, *, denoiser: str | None = None, **options: Any) -> Any:
     """diffusers-style entry point (as ``CacheMixin.enable_cache``).
 
     A pipeline: its denoiser (``unet``/``transformer``/..., or ``denoiser=``) is cached,
@@ -178,7 +185,7 @@ def enable(target, schedule, *, denoiser: str | None = None, **options):
     return compile(target, schedule, **options)
 
 
-def disable(target):
+def disable(target: Any) -> Any:
     """Undo :func:`enable` / :func:`attach` / :func:`compile`: a pipeline gets its
     original components and class back (returned); a ``CachedModel`` gives its original
     model; anything else is returned as it is."""
