@@ -237,5 +237,6 @@ else
   fi
 fi
 
-say "$PASSED passed, $SKIPPED skipped, $FAILED failed in $((SECONDS - START)) s"
+# not in the "N passed, N failed" form: CI reads the closing line of pytest above as the test count
+say "summary: $PASSED steps ran and passed, $SKIPPED were skipped, $FAILED failed ($((SECONDS - START)) s)"
 [ "$FAILED" = 0 ]
