@@ -7,14 +7,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
 from .analyze.units import UnitSet, find_units
 from .capture import capture
 from .errors import UnitError
-from .plan import Plan, PlanError
+from .plan import Plan
 from .planning import lower_to_plan
 from .runtime import CachedModel, CompileOptions
 

@@ -484,7 +484,6 @@ def test_training_mode_warns_once():
 
 def test_pickle_and_deepcopy_drop_graphs_and_state():
     import copy
-    import io
 
     model = _toy()
     cm = fxcache.compile(model, TOY_MASK, **EAGER)
