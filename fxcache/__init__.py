@@ -13,7 +13,7 @@ from .plan import Plan, PlanError, UnitInfo
 from .runtime import CachedModel
 from .schedules import FORA, BlockCache, DeepCache, LearnedMask, Mask, ScheduleError, rectify
 from .calibrate.mask_learning import MaskLearningResult, learn_mask, learn_mask_details
-from .calibrate.profile_data import Profile
+from .artefacts import Profile
 from .calibrate.profiler import profile
 from .calibrate.scale_shift import ScaleShift, evaluate_scale_shift, train_scale_shift
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file as save_np
 
 import fxcache
-from fxcache.calibrate.profile_data import Profile
+from fxcache.artefacts import Profile
 from fxcache.calibrate.scale_shift import ScaleShift
 from fxcache.errors import CheckpointError, FxcacheError
 from fxcache.plan import UnitInfo
@@ -208,7 +208,7 @@ def test_good_artefacts_still_round_trip(tmp_path):
 
 
 def test_one_loader_for_both_artefacts(tmp_path):
-    from fxcache.calibrate.artefacts import read_artefact
+    from fxcache.artefacts import read_artefact
 
     prof_path = _profile().save(tmp_path / "p.safetensors")
     ss_path = _adapters().save(tmp_path / "ss.safetensors")

@@ -267,7 +267,7 @@ def test_cli_profile_writes_file(tmp_path, capsys):
         argv += ["--plot", str(plot)]
     assert cli.main(argv) == 0
     assert out.is_file()
-    from fxcache.calibrate.profile_data import Profile
+    from fxcache.artefacts import Profile
 
     prof = Profile.load(out)
     assert prof.num_steps == 3 and prof.num_units > 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxcache
-from fxcache.calibrate.profile_data import Profile
+from fxcache.artefacts import Profile
 from fxcache.testing import tiny
 from test_core import NaiveReference
 

@@ -13,7 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fxcache
-from fxcache.calibrate.profile_data import Profile, ProfileError
+from fxcache.artefacts import Profile, ProfileError
 from fxcache.calibrate.profiler import ProfileRecorder, profile
 from fxcache.schedules import UnknownUnitError
 from fxcache.testing import tiny

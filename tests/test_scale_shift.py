@@ -13,7 +13,7 @@ import torch
 
 import fxcache
 from fxcache.analyze.units import temb_module
-from fxcache.calibrate.profile_data import Profile
+from fxcache.artefacts import Profile
 from fxcache.calibrate.scale_shift import ScaleShift, evaluate_scale_shift, train_scale_shift
 from fxcache.errors import CheckpointError, UnsupportedModelError
 from fxcache.testing import tiny

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxcache.calibrate.profile_data import Profile, ProfileError
+from fxcache.artefacts import Profile, ProfileError
 from fxcache.errors import CheckpointError, UnitError
 from fxcache.plan import Plan, UnitInfo
 from fxcache.schedules import (

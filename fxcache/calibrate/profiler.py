@@ -1,7 +1,7 @@
 """Profiling: how much each unit's contribution changes from one denoising step to the next.
 
 :func:`profile` runs whole generations through a recording drop-in module and returns a
-:class:`~fxcache.calibrate.profile_data.Profile`, the input of
+:class:`~fxcache.artefacts.Profile`, the input of
 :class:`fxcache.BlockCache` (block caching paper, Sec. 3.2-3.3, Eq. 6-7)::
 
     run = lambda m, seed: generate(m, num_steps=20, num_samples=4, seed=seed)
@@ -47,7 +47,7 @@ import torch.utils._pytree as pytree
 from ..analyze.units import Unit, UnitSet, find_units
 from ..capture import Captured, capture, flatten_call, signature_of
 from ..schedules import select_units
-from .profile_data import Profile, ProfileError
+from ..artefacts import Profile, ProfileError
 from ..dropin import DropIn
 
 __all__ = ["profile", "ProfileRecorder", "RESIDUAL_KINDS", "residual_input", "recording_graph"]

@@ -71,7 +71,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedModelError
-from .artefacts import (
+from ..schedules import mask_from_dict
+from ..artefacts import (
     SCALE_SHIFT_KEY,
     SCALE_SHIFT_VERSION,
     adapter_key,
@@ -376,7 +377,7 @@ class ScaleShift(nn.Module):
         """Read a checkpoint written by :meth:`save`. Any problem with the file is a
         :class:`~fxcache.errors.CheckpointError` naming it; every size the metadata declares
         is checked against the stored tensors before anything is allocated."""
-        art = read_scale_shift(path)
+        art = read_scale_shift(path, parse_mask=mask_from_dict)
         meta = art.header
         shapes = {u: [(tuple(s), d) for s, d in meta["out_shapes"][u]] for u in meta["units"]}
         obj = cls(

@@ -43,7 +43,7 @@ from .registry import (
     schedule_from_json,
     to_plan,
 )
-from .mask import Mask, rectify
+from .mask import Mask, mask_from_dict, rectify
 from .deepcache import DEEPCACHE_DEFAULT_CENTER, DEEPCACHE_DEFAULT_POWER, DeepCache, deepcache_full_steps, skip_branches
 from .fora import FORA, fora_units
 from .block_cache import BlockCache, delta_refresh
@@ -64,6 +64,7 @@ __all__ = [
     "schedule_from_json",
     "to_plan",
     "rectify",
+    "mask_from_dict",
     "deepcache_full_steps",
     "skip_branches",
     "fora_units",

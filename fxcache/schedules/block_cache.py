@@ -19,11 +19,11 @@ from ._validate import (
     _Config,
     select_units,
 )
-from .mask import Mask
+from .mask import Mask, mask_from_dict
 from .registry import ModelFacts, _serialisable, register_check, register_lowering
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..calibrate.profile_data import Profile
+    from ..artefacts import Profile
 
 __all__ = ["BlockCache", "delta_refresh"]
 
@@ -58,7 +58,7 @@ class BlockCache(_Config):
                  the summed relative L1 change since t_a stays <= δ; the unit is recomputed
                  at the first step where it would exceed δ (:func:`delta_refresh`).
                  δ = 0 recomputes at every step whose profiled change is > 0.
-    profile:     a :class:`~fxcache.calibrate.profile_data.Profile` or the path of a saved
+    profile:     a :class:`~fxcache.artefacts.Profile` or the path of a saved
                  one, read when the config is built (the config keeps the path: its JSON
                  names the file). The table covers ``profile.num_steps`` steps.
     units:       which units: a kind (default ``"attention"``; also ``"transformer_block"``,
@@ -81,7 +81,7 @@ class BlockCache(_Config):
     def __post_init__(self) -> None:
         c = "BlockCache"
         object.__setattr__(self, "threshold", _check_real(c, "threshold", self.threshold, 0.0))
-        from ..calibrate.profile_data import Profile
+        from ..artefacts import Profile
 
         if isinstance(self.profile, Profile):
             loaded = self.profile
@@ -94,9 +94,9 @@ class BlockCache(_Config):
         object.__setattr__(self, "scale_shift", ss)
         header = None
         if ss is not None:
-            from ..calibrate.artefacts import read_scale_shift
+            from ..artefacts import read_scale_shift
 
-            header = read_scale_shift(ss).header
+            header = read_scale_shift(ss, parse_mask=mask_from_dict).header
         # read once, here; not fields (equality, hashing and JSON use the paths)
         object.__setattr__(self, "_profile", loaded)
         object.__setattr__(self, "_scale_shift_meta", header)
@@ -119,7 +119,7 @@ class BlockCache(_Config):
     def _from_fields(cls, d: dict) -> "BlockCache":
         d = dict(d)
         if isinstance(d.get("profile"), dict):
-            from ..calibrate.profile_data import Profile, ProfileError
+            from ..artefacts import Profile, ProfileError
 
             try:
                 d["profile"] = Profile.from_dict(d["profile"])
@@ -150,7 +150,7 @@ def _named(selector: str | tuple[str, ...]) -> tuple[str, ...]:
 @register_check(BlockCache)
 def _check_block_cache(s: BlockCache, units: list[UnitInfo], model: ModelFacts) -> None:
     """The profile and the scale-shift checkpoint against the model they are used on."""
-    from ..calibrate.artefacts import feature_channels
+    from ..artefacts import feature_channels
     from ..errors import ArtefactMismatchError
 
     have = {u.name for u in units}
@@ -229,7 +229,7 @@ def _lower_block_cache(s: BlockCache, units: list[UnitInfo], num_steps: int | No
     mask = Mask(table, tuple(u.name for u in chosen))
     meta = s._scale_shift_meta  # type: ignore[attr-defined]
     if meta is not None and meta.get("mask") is not None:
-        from ..calibrate.artefacts import check_trained_table, describe_schedule
+        from ..artefacts import check_trained_table, describe_schedule
 
         check_trained_table(
             meta["mask"],

@@ -19,9 +19,9 @@ from ._validate import (
     _shown,
     _unknown_units,
 )
-from .registry import ModelFacts, _serialisable, register_check, register_lowering, schedule_from_json
+from .registry import ModelFacts, _serialisable, register_check, register_lowering, schedule_from_dict, schedule_from_json
 
-__all__ = ["Mask", "rectify"]
+__all__ = ["Mask", "mask_from_dict", "rectify"]
 
 
 def _row_from(value: Any, step: int) -> tuple[bool, ...]:
@@ -292,3 +292,12 @@ def rectify(mask: Mask, order: Sequence[str] | None = None) -> Mask:
             if m[t][b] and not m[t][b_next] and (nxt is None or nxt[b]):
                 m[t][b] = False
     return Mask(tuple(tuple(r) for r in m), mask.units, periodic=mask.periodic)
+
+
+def mask_from_dict(d: dict) -> Mask:
+    """The :class:`Mask` a JSON object describes; :class:`ScheduleError` (a ``ValueError``)
+    when it is not a valid Mask. The artefact readers take this as their Mask parser."""
+    m = schedule_from_dict(d)
+    if not isinstance(m, Mask):
+        raise ScheduleError(f"it holds a {type(m).__name__}, not a Mask")
+    return m

@@ -1,6 +1,6 @@
 """fxcache's artefacts on disk: one reader and one writer for all of them.
 
-An artefact (a :class:`~fxcache.calibrate.profile_data.Profile`, a
+An artefact (a :class:`~fxcache.artefacts.Profile`, a
 :class:`~fxcache.calibrate.scale_shift.ScaleShift` checkpoint) is one ``.safetensors``
 file: its arrays as tensors, and a JSON header in the file's metadata under one key
 (``"fxcache.profile"``, ``"fxcache.scale_shift"``). No pickle anywhere.
@@ -16,7 +16,8 @@ naming the file and what is wrong.
 Also here, because the schedules read them without torch: the scale-shift checkpoint's
 header (:func:`read_scale_shift`) and the comparison of the table adapters were
 trained for with the table they are used with (:func:`check_trained_table`).
-No torch in this module.
+No torch in this module, and no import of any other fxcache stage: the artefacts sit
+below the schedules, the rewrite and calibration, which all read them.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def _is_name_list(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v)
 
 
-def read_scale_shift(path: Any) -> Artefact:
+def read_scale_shift(path: Any, parse_mask: Callable[[dict], Any] | None = None) -> Artefact:
     """The header of a scale-shift checkpoint, every field checked, and every tensor the
     header declares checked against the stored shape (``linears.{key}.weight``:
     ``(2 C, temb_dim)``, ``.bias``: ``(2 C,)``); nothing else may be stored."""
@@ -235,15 +236,12 @@ def read_scale_shift(path: Any) -> Artefact:
     art.field("num_steps", lambda v: v is None or _is_int(v, 1), "an integer >= 1 or null", default=None)
     art.field("schedule", lambda v: v is None or isinstance(v, dict), "a schedule's JSON object or null", default=None)
     mask = art.field("mask", lambda v: v is None or isinstance(v, dict), "a Mask's JSON object or null", default=None)
-    if mask is not None:
-        from ..schedules import Mask, ScheduleError, schedule_from_dict
-
+    if mask is not None and parse_mask is not None:
+        # the schedules know what a valid Mask is; they sit above this module
         try:
-            m = schedule_from_dict(mask)
-        except ScheduleError as exc:
+            parse_mask(mask)
+        except ValueError as exc:
             raise art.error(f"metadata field 'mask' is not a valid Mask ({exc})") from None
-        if not isinstance(m, Mask):
-            raise art.error(f"metadata field 'mask' holds a {type(m).__name__}, not a Mask")
     extra = sorted(set(shapes) - set(units))
     if extra:
         raise art.error(f"metadata field 'out_shapes' has units {extra[:6]} that 'units' does not list")

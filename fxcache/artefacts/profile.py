@@ -223,7 +223,7 @@ class Profile:
 
     def save(self, path: str | os.PathLike) -> str:
         """Write a ``.safetensors`` file (arrays) whose metadata holds units and meta as JSON."""
-        from .artefacts import write_artefact
+        from .store import write_artefact
 
         tensors = {a: np.ascontiguousarray(getattr(self, a)) for a in _ARRAYS if getattr(self, a) is not None}
         header = {"version": _FORMAT_VERSION, "units": list(self.units), "meta": self.meta}
@@ -234,7 +234,7 @@ class Profile:
         """Read a profile written by :meth:`save`. Any problem with the file is a
         :class:`~fxcache.errors.CheckpointError` naming it; the declared shapes are checked
         before any array is read."""
-        from .artefacts import read_artefact
+        from .store import read_artefact
 
         art = read_artefact(
             path,
