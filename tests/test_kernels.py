@@ -28,8 +28,7 @@ from fxcache.kernels import KernelArgumentError
 
 from _cuda import REQUIRE_CUDA, OpLog, need_cuda
 
-_ss_mod = importlib.import_module("fxcache.kernels.scale_shift")
-_gr_mod = importlib.import_module("fxcache.kernels.gated_residual")
+_affine = importlib.import_module("fxcache.kernels.affine")
 
 # Tolerances travel with the dtype. Kernel and reference both compute in fp32 and
 # round once, so the only differences are contraction into FMA on a GPU (fp32) and
@@ -81,7 +80,7 @@ def _assert_close(got, want, atol, rtol):
 def _kernels_interpreted() -> bool:
     from fxcache.kernels._common import is_interpreted
 
-    return is_interpreted(_ss_mod._scale_shift_kernel) and is_interpreted(_gr_mod._gated_residual_kernel)
+    return is_interpreted(_affine._affine_kernel)
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +212,40 @@ def test_empty_tensor(dev):
     assert K.gated_residual_triton(cache, p, cache, -1).shape == (0, 4, 3)
 
 
+# Values worked out by hand (not by any implementation), exact in fp32, fp16 and bf16:
+# cache[b, n, :] = 3 * (2b + n) + (0, 1, 2), B = N = 2, C = 3.
+_CACHE = [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
+_SCALE = [[0, 1, -1], [0.5, 2, 0]]  # (B, C)
+_SHIFT = [1, 0, -2]  # (C,)
+# cache * (1 + scale) + shift: factors (1, 2, 0) for sample 0, (1.5, 3, 1) for sample 1
+_SCALE_SHIFT = [[[1, 2, -2], [4, 8, -2]], [[10, 21, 6], [14.5, 30, 9]]]
+_X = [[[1, 1, 1], [2, 2, 2]], [[0, 0, 0], [-1, -1, -1]]]
+_GATE = [[2, -1, 0.5]]  # (1, C)
+# x + gate * cache
+_GATED = [[[1, 0, 2], [8, -2, 4.5]], [[12, -7, 4], [17, -11, 4.5]]]
+
+
+def _known(dtype, channel_dim, device):
+    """The worked example as (B, N, C) (channel_dim -1) or (B, C, N) (channel_dim 1)."""
+    def t(v, feature=True):
+        v = torch.tensor(v, dtype=dtype)
+        return v.transpose(1, 2).contiguous().to(device) if feature and channel_dim == 1 else v.to(device)
+    return (t(_CACHE), t(_SCALE, False), t(_SHIFT, False), t(_X), t(_GATE, False),
+            t(_SCALE_SHIFT).cpu(), t(_GATED).cpu())
+
+
+@pytest.mark.parametrize("channel_dim", [-1, 1], ids=["tokens", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_kernel_gives_the_worked_example(dev, dtype, channel_dim):
+    """Both modes of the one kernel, and the references, against values worked out by
+    hand (an expectation independent of every implementation; exact in every dtype)."""
+    cache, scale, shift, x, gate, want_ss, want_gr = _known(dtype, channel_dim, dev)
+    for fn in (K.scale_shift_triton, K.scale_shift_reference):
+        assert torch.equal(fn(cache, scale, shift, channel_dim).cpu(), want_ss), fn.__name__
+    for fn in (K.gated_residual_triton, K.gated_residual_reference):
+        assert torch.equal(fn(x, gate, cache, channel_dim).cpu(), want_gr), fn.__name__
+
+
 # --------------------------------------------------------------------------- argument errors
 def _impls(name):
     """The implementations of one op that must all refuse bad arguments the same way."""
@@ -342,8 +375,8 @@ def test_dispatch_on_cpu_runs_the_reference_not_the_op(dtype, monkeypatch):
     """On CPU tensors the dispatch functions call the PyTorch reference (counted) and no
     fxcache op or Triton kernel is dispatched (every dispatched operator is logged); the
     result is the expression computed by hand in fp32 and rounded once."""
-    ss_calls = _count_calls(monkeypatch, _ss_mod, "reference")
-    gr_calls = _count_calls(monkeypatch, _gr_mod, "reference")
+    ss_calls = _count_calls(monkeypatch, _affine, "scale_shift_reference")
+    gr_calls = _count_calls(monkeypatch, _affine, "gated_residual_reference")
     cache, x, scale, shift = _dispatch_inputs(dtype, "cpu")
     with OpLog() as log:
         y = K.scale_shift(cache, scale, shift, 1)
@@ -362,8 +395,8 @@ def test_dispatch_on_cuda_runs_the_op(dev, dtype, atol, rtol, monkeypatch):
     if dev != "cuda":
         pytest.skip("the dispatch to the Triton op is for CUDA tensors and GPU-built kernels "
                     "(here the kernels run in the interpreter, where the dispatch uses the reference)")
-    ss_calls = _count_calls(monkeypatch, _ss_mod, "reference")
-    gr_calls = _count_calls(monkeypatch, _gr_mod, "reference")
+    ss_calls = _count_calls(monkeypatch, _affine, "scale_shift_reference")
+    gr_calls = _count_calls(monkeypatch, _affine, "gated_residual_reference")
     cache, x, scale, shift = _dispatch_inputs(dtype, "cuda")
     with OpLog() as log:
         y = K.scale_shift(cache, scale, shift, 1)
@@ -391,7 +424,14 @@ def test_dispatch_compiles_fullgraph_on_cpu():
     compiled = torch.compile(block, backend=counter, fullgraph=True)
     got = compiled(h, cache, emb)
     assert counter.frame_count == 1  # one graph: fullgraph=True would have raised on a break
-    assert torch.equal(got, block(h, cache, emb))
+    # against the expression written out here (not the reference it runs) ...
+    shift, scale, gate = (c[:, None, :] for c in emb.chunk(3, dim=1))
+    assert torch.equal(got, (h + gate * (cache * (1 + scale) + shift)).relu())
+    # ... and against the Triton kernel, where it runs here (the interpreter)
+    if K.HAS_TRITON and _kernels_interpreted():
+        s, sc, gt = emb.chunk(3, dim=1)
+        want = K.gated_residual_triton(h, gt, K.scale_shift_triton(cache, sc, s, -1), -1).relu()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     calls = [n.target for gm in counter.graphs for n in gm.graph.nodes if n.op == "call_function"]
     assert not any("fxcache" in str(t) for t in calls)  # reference arithmetic, not the triton op
     torch._dynamo.reset()
@@ -418,8 +458,8 @@ def test_package_imports_without_triton():
         assert K.HAS_TRITON is False
         assert not hasattr(torch.ops.fxcache, "scale_shift")
         x, p = torch.randn(2, 3, 4), torch.randn(4)
-        assert torch.equal(K.scale_shift(x, p, p, -1), K.scale_shift_reference(x, p, p, -1))
-        assert torch.equal(K.gated_residual(x, p, x, -1), K.gated_residual_reference(x, p, x, -1))
+        assert torch.equal(K.scale_shift(x, p, p, -1), x * (1 + p) + p)
+        assert torch.equal(K.gated_residual(x, p, x, -1), x + p * x)
         for fn, args in [(K.scale_shift_triton, (x, p, p, -1)), (K.gated_residual_triton, (x, p, x, -1))]:
             try:
                 fn(*args)
@@ -472,7 +512,8 @@ def _():
 
     # no GPU driver: the mutation analysis of the kernel warns and assumes every arg mutated
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
-    with FakeTensorMode():
+    fake = FakeTensorMode()
+    with fake:
         c = torch.empty(2, 5, 7, 3, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
         s = torch.empty(2, 5, device="cuda", dtype=torch.bfloat16)
         h = torch.empty(5, device="cuda", dtype=torch.float32)
@@ -488,13 +529,29 @@ def _():
     gm = make_fx(f, tracing_mode="fake")(c, s, h, t, g)
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     assert targets == ["fxcache.scale_shift.default", "fxcache.gated_residual.default"], targets
-    # what AOTAutograd hands inductor: the op decomposed into its Triton kernel launch
+    # the op decomposed (functionalised) into one launch of the one kernel per call,
+    # in its two modes (what inductor would get if the op reached it: see below)
     gm = make_fx(dispatch_functionalize(f), tracing_mode="fake")(c, s, h, t, g)
     calls = [n.kwargs["kwargs"] for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert len(calls) == 2, gm.code
     # channels_last NCHW is read in place as (B*H*W, C); (B, N, C) as (B*N, C)
-    got = [(k["CHANNEL_LAST"], k["R"], k["K"], k["rows_per_sample"]) for k in calls]
-    assert got == [(True, 42, 5, 21), (True, 18, 5, 9)], got
+    got = [(k["MODE"], k["CHANNEL_LAST"], k["R"], k["K"], k["rows_per_sample"]) for k in calls]
+    assert got == [(0, True, 42, 5, 21), (1, True, 18, 5, 9)], got
+    # under torch.compile (dynamo traces the fake CUDA tensors) the same calls are the
+    # reference arithmetic, which inductor fuses with its neighbours; never the op
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with fake:
+        out = torch.compile(f, backend=capture, fullgraph=True)(c, s, h, t, g)
+        assert out[0].is_contiguous(memory_format=torch.channels_last)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets and not any("fxcache" in t or "triton" in t for t in targets), graphs[0].code
     # float64 (no kernel for it) stays on the reference arithmetic, on CUDA too
     with FakeTensorMode():
         d = torch.empty(2, 9, 5, device="cuda", dtype=torch.float64)
@@ -513,12 +570,12 @@ def _():
     if "nvidia" not in triton.backends.backends:
         results["compile_sm90"] = "skip: triton has no nvidia backend here"
         return
-    ss = __import__("fxcache.kernels.scale_shift", fromlist=["_"])._scale_shift_kernel
-    gr = __import__("fxcache.kernels.gated_residual", fromlist=["_"])._gated_residual_kernel
-    for kernel, ptrs in [(ss, ["*bf16", "*bf16", "*fp32", "*fp32"]), (gr, ["*fp16", "*fp16", "*fp16", "*fp16"])]:
-        names = kernel.arg_names
+    kernel = __import__("fxcache.kernels.affine", fromlist=["_"])._affine_kernel
+    names = kernel.arg_names
+    # mode 0 (scale_shift), mode 1 (gated_residual), each in both layout variants
+    for mode, ptrs in [(0, ["*bf16", "*bf16", "*fp32", "*fp32"]), (1, ["*fp16", "*fp16", "*fp16", "*fp16"])]:
         for channel_last, block_r, block_k in [(True, 2, 1024), (False, 256, 8)]:
-            const = {"CHANNEL_LAST": channel_last, "BLOCK_R": block_r, "BLOCK_K": block_k}
+            const = {"MODE": mode, "CHANNEL_LAST": channel_last, "BLOCK_R": block_r, "BLOCK_K": block_k}
             sig = {n: ptrs[i] if i < 4 else ("constexpr" if n in const else "i32") for i, n in enumerate(names)}
             out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
             assert "cubin" in out.asm, list(out.asm)
@@ -556,12 +613,13 @@ def test_launcher_refuses_cpu_tensors_without_interpreter(gpu_build):
 
 def test_ops_trace_on_fake_cuda_tensors(gpu_build):
     """The registered ops give the right output shape, dtype and memory format on fake CUDA
-    tensors, and decompose into one Triton launch each with the expected tiling (what
-    torch.compile does with them on a GPU)."""
+    tensors and decompose into one launch each of the one kernel, in its two modes, with
+    the expected tiling; under torch.compile the dispatch functions give the reference
+    arithmetic instead (inductor fuses it with its neighbours; the op would block that)."""
     _expect(gpu_build, "fake_cuda_trace")
 
 
 def test_kernels_compile_for_sm90(gpu_build):
-    """Both kernels, both layout variants, compile to a cubin for sm_90 (the interpreter
-    accepts programs the compiler would not)."""
+    """The kernel, in both modes and both layout variants, compiles to a cubin for sm_90
+    (the interpreter accepts programs the compiler would not)."""
     _expect(gpu_build, "compile_sm90")

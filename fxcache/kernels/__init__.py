@@ -1,4 +1,4 @@
-"""fxcache.kernels: fused cache reads for rewritten graphs (Triton, with PyTorch references).
+"""fxcache.kernels: fused cache reads for rewritten graphs (one Triton kernel, PyTorch references).
 
 The graph rewrite replaces a cache read followed by per-channel arithmetic with one
 call to a function of this package:
@@ -12,39 +12,39 @@ call to a function of this package:
 ``(B, *tokens, C)`` features (``(B, N, C)``); the per-(sample, channel) operands are
 ``(B, C)``, ``(1, C)`` or ``(C,)``. Bad shapes, devices or dtypes raise
 :class:`KernelArgumentError` (a ``ValueError``) naming the argument, its shape and the
-expected shape.
+expected shape. Both are ``cache * m + a`` with ``m`` per (sample, channel): one Triton
+kernel, :func:`fxcache.kernels.affine._affine_kernel`, with a ``tl.constexpr`` mode,
+registered as the ops ``torch.ops.fxcache.scale_shift`` and
+``torch.ops.fxcache.gated_residual`` (``torch.library.triton_op``). Bytes moved and a
+worked example are in :mod:`fxcache.kernels.affine`.
 
-Device split. ``scale_shift`` / ``gated_residual`` are plain Python that dynamo traces:
-on CUDA tensors (with Triton available) they call the registered ops
-``torch.ops.fxcache.scale_shift`` / ``torch.ops.fxcache.gated_residual``
-(``torch.library.triton_op``, so ``torch.compile`` sees the kernel); on every other
-device they run the reference arithmetic, which inductor fuses itself (inductor cannot
-compile a ``triton_op`` on CPU tensors). They also use the reference for dtypes the
-kernels do not take (e.g. float64) and when the kernels were built for the interpreter
-(``TRITON_INTERPRET=1``: dynamo cannot trace an interpreted kernel, even on CUDA). ``*_triton`` call the Triton launcher directly (CUDA, or CPU under
+Where the kernel runs. ``scale_shift`` / ``gated_residual`` are plain Python that
+dynamo traces (``fullgraph=True``); they choose:
+
+* **eager on CUDA** (``fxcache.compile(..., backend=None)``, or any direct call): the
+  Triton kernel. Eager PyTorch runs ``x + gate * cache`` as two kernels with an
+  n-sized temporary (5·n·s bytes moved), the kernel as one (3·n·s).
+* **under torch.compile** (``torch.compiler.is_compiling()``, i.e. while dynamo
+  traces a step graph, for inductor or any other backend): the reference arithmetic.
+  In one inductor graph the cache buffers are ordinary inputs, and inductor fuses
+  ``x + gate * cache`` with its neighbours (the chain of residual additions, the
+  next LayerNorm and adaLN modulation) into its own kernels. The op would be an
+  opaque extern kernel there: inductor lowers a ``triton_op`` to
+  ``ir.UserDefinedTritonKernel``, an ``ExternKernel``, and its scheduler never fuses
+  a producer into an extern kernel ("node2 is extern or nop"), nor a consumer unless
+  the experimental ``torch._inductor.config.epilogue_fusion_user_defined_triton_kernel``
+  is set (off by default, and then only a pointwise epilogue that reads nothing but
+  the kernel's output; torch 2.13, ``torch/_inductor/scheduler.py`` ``can_fuse``,
+  ``ir.py`` ``UserDefinedTritonKernel.can_fuse_epilogue``). Measured on a step graph:
+  ``bench/results/fusion_evidence.md``.
+* **every other device** (CPU, MPS, ...), dtypes the kernel does not take (e.g.
+  float64), and kernels built for the interpreter (``TRITON_INTERPRET=1``: dynamo
+  cannot trace an interpreted kernel): the reference arithmetic.
+
+``*_triton`` call the Triton launcher directly (CUDA, or CPU under
 ``TRITON_INTERPRET=1``); ``*_reference`` are the pure-PyTorch references.
-
 ``TRITON_INTERPRET`` is read by ``@triton.jit`` when it decorates a kernel, i.e. when
 this package is first imported, not at launch: set it before starting Python.
-
-Bytes moved (n elements per feature tensor, s bytes per element, P = B*C per-channel
-values; the P terms are negligible next to n for any real feature map):
-
-=================  ==========================================  ===========  =======
-op                 unfused PyTorch ops                         unfused      fused
-=================  ==========================================  ===========  =======
-scale_shift        ``1+scale``; ``cache*t`` (r n, w n);        4·n·s        2·n·s
-                   ``+shift`` (r n, w n)
-gated_residual     ``gate*cache`` (r n, w n); ``x+t``          5·n·s        3·n·s
-                   (r 2n, w n)
-=================  ==========================================  ===========  =======
-
-so the fused ops halve (scale_shift) or cut by 40 % (gated_residual) the memory traffic
-of these memory-bound steps, and drop one n-sized temporary and one or two launches.
-``torch.compile`` fuses the same chains on its own when they sit in one graph; the
-fused op guarantees it at the cache-read boundary, in eager graphs too. Details and a
-worked example per op are in the docstrings of :mod:`fxcache.kernels.scale_shift` and
-:mod:`fxcache.kernels.gated_residual`.
 """
 
 if __name__ != "fxcache.kernels":  # pragma: no cover - a packaging/sys.path mistake
@@ -56,8 +56,7 @@ if __name__ != "fxcache.kernels":  # pragma: no cover - a packaging/sys.path mis
 
 import torch
 
-from . import gated_residual as _gated_residual_mod
-from . import scale_shift as _scale_shift_mod
+from . import affine as _affine
 from ._common import HAS_TRITON, KERNEL_DTYPES, KernelArgumentError, is_interpreted
 
 __all__ = [
@@ -71,21 +70,21 @@ __all__ = [
     "gated_residual_triton",
 ]
 
-scale_shift_reference = _scale_shift_mod.reference
-gated_residual_reference = _gated_residual_mod.reference
+scale_shift_reference = _affine.scale_shift_reference
+gated_residual_reference = _affine.gated_residual_reference
 
-# The dispatching functions use the ops only where they compile: with Triton, kernels
-# built for the GPU (under TRITON_INTERPRET=1 dynamo cannot trace them), CUDA tensors,
-# and dtypes the kernels take. A plain bool, so dynamo folds it.
-_OPS_USABLE = HAS_TRITON and not (
-    is_interpreted(_scale_shift_mod._scale_shift_kernel)
-    or is_interpreted(_gated_residual_mod._gated_residual_kernel)
-)
+# The kernel is usable with Triton and built for the GPU (under TRITON_INTERPRET=1
+# dynamo cannot trace it). A plain bool, so dynamo folds it.
+_KERNEL_USABLE = HAS_TRITON and not is_interpreted(_affine._affine_kernel)
 
 
-def _use_op(*tensors: torch.Tensor) -> bool:
+def _use_kernel(*tensors: torch.Tensor) -> bool:
+    """The policy of the module docstring: the Triton op in eager mode on CUDA tensors of
+    the dtypes it takes; the reference arithmetic under torch.compile (inductor fuses it
+    with its neighbours) and everywhere else. Dynamo folds it to a constant."""
     return (
-        _OPS_USABLE
+        _KERNEL_USABLE
+        and not torch.compiler.is_compiling()
         and tensors[0].device.type == "cuda"
         and all(t.dtype in KERNEL_DTYPES for t in tensors)
     )
@@ -94,21 +93,23 @@ def _use_op(*tensors: torch.Tensor) -> bool:
 def scale_shift_triton(
     cache: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int
 ) -> torch.Tensor:
-    """Run the Triton kernel ``fxcache::scale_shift`` (CUDA, or CPU under TRITON_INTERPRET=1).
+    """Run the op ``fxcache::scale_shift``, the affine Triton kernel in its scale-shift
+    mode (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Raises RuntimeError when Triton is not available.
     """
-    return _scale_shift_mod.launch(cache, scale, shift, channel_dim)
+    return _affine.scale_shift_launch(cache, scale, shift, channel_dim)
 
 
 def gated_residual_triton(
     x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor, channel_dim: int
 ) -> torch.Tensor:
-    """Run the Triton kernel ``fxcache::gated_residual`` (CUDA, or CPU under TRITON_INTERPRET=1).
+    """Run the op ``fxcache::gated_residual``, the affine Triton kernel in its
+    gated-residual mode (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Raises RuntimeError when Triton is not available.
     """
-    return _gated_residual_mod.launch(x, gate, cache, channel_dim)
+    return _affine.gated_residual_launch(x, gate, cache, channel_dim)
 
 
 def scale_shift(
@@ -116,13 +117,15 @@ def scale_shift(
 ) -> torch.Tensor:
     """``cache * (1 + scale) + shift``, scale/shift per (sample, channel).
 
-    The Triton op on CUDA tensors, the PyTorch reference elsewhere (and for dtypes other
-    than fp32/fp16/bf16, or when the kernels are interpreted). Traceable by dynamo
-    (``fullgraph=True``): a graph rewrite inserts it as a ``call_function`` target.
+    The Triton op in eager mode on CUDA tensors; the PyTorch reference under
+    torch.compile (inductor fuses it with its neighbours), on other devices, for dtypes
+    other than fp32/fp16/bf16 and when the kernel is interpreted (module docstring).
+    Traceable by dynamo (``fullgraph=True``): a graph rewrite inserts it as a
+    ``call_function`` target.
     """
-    if _use_op(cache, scale, shift):
+    if _use_kernel(cache, scale, shift):
         return torch.ops.fxcache.scale_shift(cache, scale, shift, channel_dim)
-    return _scale_shift_mod.reference(cache, scale, shift, channel_dim)
+    return _affine.scale_shift_reference(cache, scale, shift, channel_dim)
 
 
 def gated_residual(
@@ -130,10 +133,12 @@ def gated_residual(
 ) -> torch.Tensor:
     """``x + gate * cache``, gate per (sample, channel).
 
-    The Triton op on CUDA tensors, the PyTorch reference elsewhere (and for dtypes other
-    than fp32/fp16/bf16, or when the kernels are interpreted). Traceable by dynamo
-    (``fullgraph=True``): a graph rewrite inserts it as a ``call_function`` target.
+    The Triton op in eager mode on CUDA tensors; the PyTorch reference under
+    torch.compile (inductor fuses it with its neighbours), on other devices, for dtypes
+    other than fp32/fp16/bf16 and when the kernel is interpreted (module docstring).
+    Traceable by dynamo (``fullgraph=True``): a graph rewrite inserts it as a
+    ``call_function`` target.
     """
-    if _use_op(x, gate, cache):
+    if _use_kernel(x, gate, cache):
         return torch.ops.fxcache.gated_residual(x, gate, cache, channel_dim)
-    return _gated_residual_mod.reference(x, gate, cache, channel_dim)
+    return _affine.gated_residual_reference(x, gate, cache, channel_dim)

@@ -1,5 +1,5 @@
-"""What the two kernel modules share: triton detection, argument checks, the launch
-geometry, and the ``@triton.jit`` tiling helpers both kernels call.
+"""What the kernel module (:mod:`fxcache.kernels.affine`) builds on: triton detection,
+argument checks, the launch geometry, and the ``@triton.jit`` tiling helpers.
 
 Nothing here launches anything; the checks are plain Python on shapes, dtypes and
 devices, so they run unchanged under dynamo, on fake tensors and in eager mode.
