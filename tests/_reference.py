@@ -7,6 +7,12 @@ call of ``model`` is one denoising step (counted by a pre-hook on the model itse
 runs the whole model, and a forward hook on each listed submodule either records its
 output (``compute(step)[i]`` true) or replaces it with the value recorded the last time
 it was computed. A generation is everything called inside one ``with``.
+
+``NaiveReference(T, mask)`` is the same meaning for a tiny model ``T`` called one step at
+a time. ``HookStudent`` is scale-shift training's meaning (the adapted cache against the
+module's real output on the cached model's own inputs, backpropagated into the
+adapters), and ``hook_blend`` mask learning's relaxed cache read; both with hooks on the
+plain model, the arithmetic written out here.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import contextlib
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-__all__ = ["hook_cache", "mask_rows", "every", "module_paths"]
+__all__ = ["hook_cache", "mask_rows", "every", "module_paths", "NaiveReference", "HookStudent", "hook_blend"]
 
 
 def _clone(tree):
@@ -81,3 +88,160 @@ def module_paths(unitset, names: Sequence[str]) -> list[str]:
     """The submodule path of each named unit (units from :func:`fxcache.units`)."""
     by_name = unitset.by_name()
     return [by_name[n].module for n in names]
+
+
+class NaiveReference:
+    """The meaning of a plan, written the obvious way: the whole model runs, and a
+    forward hook on each unit's module substitutes the value that unit produced the
+    last time it was computed. ``ref(step, t)`` is the output of ``T``'s call at
+    timestep ``t`` as step ``step`` of the generation."""
+
+    def __init__(self, T, mask, units=None):
+        import fxcache
+
+        self.T, self.mask = T, mask
+        if units is None:
+            args, kwargs = T.inputs(T.timesteps[0])
+            units = fxcache.units(T.model, *args, **kwargs)
+        self.units = units.by_name()
+        self.cache = {}
+
+    def __call__(self, step, t):
+        row = self.mask.table[step % len(self.mask.table)]
+        handles = []
+        # inner modules first, so that an enclosing unit's hook runs last and wins
+        order = sorted(zip(self.mask.units, row), key=lambda p: -self.units[p[0]].module.count("."))
+        for name, compute in order:
+            module = self.T.model.get_submodule(self.units[name].module)
+
+            def hook(mod, inp, out, name=name, compute=compute):
+                if compute:
+                    self.cache[name] = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out)
+                    return out
+                return self.cache[name]
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            return self.T.output(self.T.call(self.T.model, t))
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _adapt(linear: torch.nn.Linear, cached: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """``cached * (1 + scale) + shift``, ``(scale, shift) = linear(temb).chunk(2)``, per sample
+    and channel: dim 1 of a 4-D feature, the last dim of a 2-D or 3-D one."""
+    scale, shift = linear(temb.float()).chunk(2, dim=1)
+    scale, shift = scale.to(cached.dtype), shift.to(cached.dtype)
+    if cached.ndim >= 4:
+        view = (cached.shape[0], cached.shape[1]) + (1,) * (cached.ndim - 2)
+    else:
+        view = (cached.shape[0],) + (1,) * (cached.ndim - 2) + (cached.shape[-1],)
+    return cached * (1 + scale.reshape(view)) + shift.reshape(view)
+
+
+class HookStudent:
+    """Scale-shift training written the obvious way (block-caching.txt Sec. 3.4): the
+    whole plain model runs at every step, under ``no_grad``; a forward hook on each
+    unit's module records its output at the steps that compute it and, at a step that
+    reuses it while every enclosing unit computes, returns ``adapt(cache)`` (the adapter
+    arithmetic written out in :func:`_adapt`) and backpropagates at once the loss between
+    it and the module's real output there (the teacher: the uncached unit on the
+    student's own inputs). Nothing downstream carries gradients. Inside an enclosing
+    unit reused at this step, a reused unit yields its adapted cache too (every read of
+    an adapted slot is adapted), which only that enclosing unit's teacher sees.
+
+    ``units``: ``{name: (module path, out_shapes)}`` in the schedule's column order;
+    ``table``: one row of booleans per step; ``adapter``: a ``ScaleShift`` (its
+    ``linears`` and ``key`` only) or None. Each unit output is found in the module's
+    returned structure by its shape. ``losses[(name, step)]``: the losses per output.
+    """
+
+    def __init__(self, model, units: dict, table, temb_module: str, adapter=None, loss_fn=F.mse_loss):
+        self.model, self.units, self.table = model, dict(units), [list(r) for r in table]
+        self.temb_module, self.adapter, self.loss_fn = temb_module, adapter, loss_fn
+        names = list(self.units)
+        paths = {n: self.units[n][0] for n in names}
+        # enclosing units: those whose module path is a prefix of this one's
+        self.enclosing = {n: [m for m in names if m != n and paths[n].startswith(paths[m] + ".")] for n in names}
+        self.step, self.cache, self.temb, self.losses, self.handles = -1, {}, None, {}, []
+
+    def __enter__(self):
+        m = self.model
+
+        def pre(mod, args):
+            self.step += 1
+            self.temb = None
+
+        def on_temb(mod, args, out):
+            if self.temb is None:  # the first call of the embedding module at this step
+                self.temb = out.detach().clone()
+
+        self.handles.append(m.register_forward_pre_hook(pre))
+        self.handles.append(m.get_submodule(self.temb_module).register_forward_hook(on_temb))
+        for i, name in enumerate(self.units):
+            self.handles.append(m.get_submodule(self.units[name][0]).register_forward_hook(self._hook(i, name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _hook(self, i, name):
+        names = list(self.units)
+
+        def hook(mod, args, out):
+            row = dict(zip(names, self.table[self.step]))
+            if row[name]:
+                self.cache[name] = pytree.tree_map(lambda x: x.detach().clone(), out)
+                return None
+            if name not in self.cache:  # inside a reused enclosing unit: nobody reads it
+                return None
+            cached = pytree.tree_map(lambda x: x.detach().clone(), self.cache[name])
+            read = all(row[e] for e in self.enclosing[name])  # else only an enclosing unit's teacher sees it
+            leaves, spec = pytree.tree_flatten(cached)
+            real = pytree.tree_leaves(out)
+            losses = []
+            for k, (shape, _) in enumerate(self.units[name][1]):
+                idx = [j for j, v in enumerate(real) if v.ndim == len(shape) and tuple(v.shape[1:]) == tuple(shape[1:])]
+                assert len({id(real[j]) for j in idx}) == 1, f"output {k} of {name} is ambiguous by shape"
+                with torch.enable_grad():
+                    c = leaves[idx[0]]
+                    y = c if self.adapter is None else _adapt(self.adapter.linears[self.adapter.key(name, k)], c,
+                                                               self.temb)
+                    if read:
+                        loss = self.loss_fn(y.float(), real[idx[0]].detach().float())
+                        if loss.requires_grad:
+                            loss.backward()
+                        losses.append(loss.detach())
+                for j in idx:
+                    leaves[j] = y.detach()
+            if read:
+                self.losses[(name, self.step)] = losses
+            return pytree.tree_unflatten(leaves, spec)
+
+        return hook
+
+
+@contextlib.contextmanager
+def hook_blend(model: torch.nn.Module, modules: Sequence[str], weights: Sequence, caches: Sequence):
+    """Mask learning's relaxed cache read with forward hooks on disjoint modules: module i
+    returns ``w_i * out + (1 - w_i) * caches[i]`` (``w_i`` cast to the output's dtype).
+    Yields the list of the blended outputs, filled as the modules run."""
+    seen: list = [None] * len(modules)
+    handles = []
+    for i, path in enumerate(modules):
+
+        def hook(mod, args, out, i=i):
+            w = weights[i]
+            value = w.to(out.dtype) * out + (1 - w).to(out.dtype) * caches[i]
+            seen[i] = value
+            return value
+
+        handles.append(model.get_submodule(path).register_forward_hook(hook))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

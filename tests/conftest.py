@@ -6,8 +6,6 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # the graph contract (fxcache.rewrite.contract) is checked after every pass in the tests
 os.environ.setdefault("FXCACHE_CHECK", "1")
-# Tiny models: one thread is faster than two (thread hand-off dominates such small ops)
-torch.set_num_threads(1)
 
 try:
     from diffusers.utils import logging as _dlog
@@ -15,3 +13,14 @@ try:
     _dlog.set_verbosity_error()
 except Exception:  # pragma: no cover
     pass
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for the whole session (restored after): on the tiny test
+    models thread hand-off dominates, and the test machine's two cores are shared, on
+    which two threads per process made them ~50x slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

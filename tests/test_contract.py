@@ -20,7 +20,7 @@ import fxcache
 from fxcache.analyze.units import Unit
 from fxcache.capture import capture
 from fxcache.testing import FAMILIES, Tiny, tiny
-from test_core import NaiveReference
+from _reference import NaiveReference
 
 EAGER = dict(backend=None)
 
@@ -234,6 +234,54 @@ def test_gate_fusion_is_proven_by_shapes(gate_shape, fused):
     _against_reference(T, mask, cm, exact=False)
     reuse = cm.entries[-1].solved.graphs[cm.plan.kind_of_step(1)]
     assert reuse.fused == (1 if fused else 0)
+    # the pass says what it did: the site fused, or the candidate refused and why
+    result = reuse.fused
+    assert result.count == len(result.sites) == (1 if fused else 0)
+    if fused:
+        assert result.sites[0].gate_shape == gate_shape and result.refused == ()
+    else:
+        assert len(result.refused) == 1
+        reason = result.refused[0].reason
+        assert "not per sample and channel" in reason or "broadcasts the cached value" in reason, reason
+
+
+class _OrderBlock(nn.Module):
+    def __init__(self, order, c=8):
+        super().__init__()
+        self.order = order
+        self.attn = nn.Linear(c, c)
+        self.gate = nn.Parameter(torch.randn(c))
+
+    def forward(self, x, t):
+        gate, h = torch.tanh(self.gate * t), self.attn(x)
+        return {
+            "x+g*c": lambda: x + gate * h,
+            "x+c*g": lambda: x + h * gate,
+            "g*c+x": lambda: gate * h + x,
+            "c*g+x": lambda: h * gate + x,
+            "alpha": lambda: torch.add(x, gate * h, alpha=2.0),  # not x + gate * cache
+            "shared": lambda: self._shared(x, gate * h),  # the product is needed on its own
+        }[self.order]()
+
+    @staticmethod
+    def _shared(x, p):
+        return (x + p) * p
+
+
+@pytest.mark.parametrize(
+    "order,fused", [("x+g*c", 1), ("x+c*g", 1), ("g*c+x", 1), ("c*g+x", 1), ("alpha", 0), ("shared", 0)]
+)
+def test_gate_fusion_pattern_in_every_argument_order(order, fused):
+    """The declared patterns match ``x + gate * cache`` however the commutative ops are
+    written, and nothing else: not ``add`` with ``alpha``, not a product used elsewhere."""
+    torch.manual_seed(0)
+    model = _Gated((8,))
+    model.transformer_blocks = nn.ModuleList([_OrderBlock(order)])
+    T = _toy(model, torch.randn(4, 4, 8))
+    mask = fxcache.Mask([[True], [False]], ["transformer_blocks.0.attn"], periodic=True)
+    cm = fxcache.compile(T.model, mask, **EAGER)
+    _against_reference(T, mask, cm, exact=False)
+    assert cm.entries[-1].solved.graphs[cm.plan.kind_of_step(1)].fused == fused
 
 
 def test_dit_gate_is_still_fused():

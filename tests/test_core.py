@@ -13,6 +13,8 @@ from fxcache.analyze.units import find_units
 from fxcache.capture import capture
 from fxcache.testing import FAMILIES, tiny
 
+from _reference import NaiveReference
+
 EAGER = dict(backend=None)
 
 
@@ -184,41 +186,7 @@ def test_low_precision_buffers(family, dtype, tol):
 
 
 # ------------------------------------------------------- naive hook reference
-
-
-class NaiveReference:
-    """The meaning of a plan, written the obvious way: the whole model runs, and a
-    forward hook on each unit's module substitutes the value that unit produced the
-    last time it was computed."""
-
-    def __init__(self, T, mask, units=None):
-        self.T, self.mask = T, mask
-        if units is None:
-            args, kwargs = T.inputs(T.timesteps[0])
-            units = fxcache.units(T.model, *args, **kwargs)
-        self.units = units.by_name()
-        self.cache = {}
-
-    def __call__(self, step, t):
-        row = self.mask.table[step % len(self.mask.table)]
-        handles = []
-        # inner modules first, so that an enclosing unit's hook runs last and wins
-        order = sorted(zip(self.mask.units, row), key=lambda p: -self.units[p[0]].module.count("."))
-        for name, compute in order:
-            module = self.T.model.get_submodule(self.units[name].module)
-
-            def hook(mod, inp, out, name=name, compute=compute):
-                if compute:
-                    self.cache[name] = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out)
-                    return out
-                return self.cache[name]
-
-            handles.append(module.register_forward_hook(hook))
-        try:
-            return self.T.output(self.T.call(self.T.model, t))
-        finally:
-            for h in handles:
-                h.remove()
+# NaiveReference lives with the other independent oracles in tests/_reference.py
 
 
 def _candidate_units(T):

@@ -8,7 +8,7 @@ import torch
 import fxcache
 from fxcache.artefacts import Profile
 from fxcache.testing import tiny
-from test_core import NaiveReference
+from _reference import NaiveReference
 
 
 def _check_against_reference(T, schedule, steps=5, **kw):
@@ -73,8 +73,15 @@ def test_learned_mask_runs_like_any_mask():
     steps = T.timesteps[:4]
     inputs = [T.inputs(t) for t in steps]
     config = fxcache.LearnedMask(lambda_sparsity=0.05, iters=10, lr=0.3)
-    mask = fxcache.learn_mask(T.model, inputs, config, progress=False)
+    result = fxcache.learn_mask_details(T.model, inputs, config, progress=False)
+    mask = result.mask
     assert isinstance(mask, fxcache.Mask) and mask.num_steps == len(steps)
+    # the mask is what its learned α says: α > threshold, step 0 computed, then the
+    # paper's chain rectification (DiT blocks form a chain)
+    raw = [[True] * len(result.units)] + [[bool(a > config.threshold) for a in row] for row in result.alpha[1:]]
+    assert result.rectified_by == "chain"
+    assert mask == fxcache.rectify(fxcache.Mask(raw, result.units), order=result.units)
+    assert (result.alpha[1:] < 0.9).any()  # α moved from its start (0.9)
     assert not all(all(row) for row in mask.table[1:])  # it reuses something: the check below means something
     cm = fxcache.compile(T.model, mask, backend=None)
     ref = NaiveReference(T, mask)

@@ -27,16 +27,6 @@ UNITS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's two cores are shared; on them, two threads per process make
-    # these tiny models ~50x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mask(family):
     units = UNITS[family]
     n = len(units)
@@ -139,15 +129,15 @@ def test_trained_adapter_is_a_per_sample_per_channel_scale_shift():
 
 @pytest.mark.parametrize("family", ["unet2d", "dit"])
 def test_student_without_adapters_is_the_cached_model(family):
-    # The training student (eager model + hooks) follows the plan exactly as
-    # fxcache.compile does; untrained adapters change nothing either.
+    # The training student is the plan's own step graphs (plus probes for the loss): it
+    # gives what fxcache.compile gives, bit for bit; untrained adapters change nothing either.
     T = tiny(family)
     mask, sampler = _mask(family), _sampler(T)
     cm = fxcache.compile(T.model, mask, backend=None)
     with torch.no_grad():
         compiled = sampler(cm, 7)
     plain = evaluate_scale_shift(T.model, mask, sampler, None, seeds=[7])
-    torch.testing.assert_close(plain.outputs[0], compiled, rtol=1e-5, atol=1e-5)  # fp32 round-off only
+    assert torch.equal(plain.outputs[0], compiled)
     # untrained adapters inside the unrolled student: bit for bit the plain cache reads
     shapes = {u.name: u.out_shapes for u in _unit_shapes(T) if u.name in mask.units}
     zero = ScaleShift(shapes, 64 if family == "unet2d" else 16, temb_module=temb_module(T.model),
@@ -332,3 +322,15 @@ def test_sampler_and_schedule_must_agree_on_steps():
     always = fxcache.Mask([[True]], ["transformer_blocks.0.attn1"], periodic=True)
     with pytest.raises(UnsupportedModelError, match="nothing to adapt"):
         train_scale_shift(T.model, always, sampler, num_steps=STEPS, iters=1, progress=False)
+
+
+@pytest.mark.parametrize("family", ["unet2d", "dit"])
+def test_trained_student_is_what_inference_runs(family, trained):
+    # Calibration trains on the graphs the runtime runs: the student's generation with
+    # the trained adapters is, bit for bit, the compiled model's with the same adapters.
+    r = trained(family)
+    cm = fxcache.compile(r.T.model, r.mask, backend=None, scale_shift=r.ss)
+    with torch.no_grad():
+        out = r.sampler(cm, HELD_OUT[0])
+    assert torch.equal(out, r.trained.outputs[0])
+    assert not torch.equal(out, r.untrained.outputs[0])  # the adapters do change it

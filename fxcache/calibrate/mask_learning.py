@@ -18,8 +18,11 @@ cache) one timestep at a time, with the model frozen::
    block outputs of the teacher at step t-1. A relaxed mask ``α = sigmoid(θ)`` (θ
    initialised to ``logit(0.9)``) is trained with Adam on θ only: each iteration samples
    ``m ~ Bernoulli(α)`` and uses the straight-through estimator ``m + α - sg(α)``
-   (forward: the sample, backward: identity to α), and forward hooks on the blocks'
-   modules return ``m_b · computed_b + (1 - m_b) · cache_b``. The loss (Eq. 11) is ::
+   (forward: the sample, backward: identity to α). The relaxation is a rewrite of the
+   captured graph (:func:`fxcache.rewrite.blend.blend_graph`): every block's outputs are
+   ``m_b · computed_b + (1 - m_b) · cache_b`` with ``m_b`` a graph input, so the loss is
+   differentiated through the same graph the compiler rewrites (the teacher is that
+   graph with every ``m_b = 1``, the model itself bit for bit). The loss (Eq. 11) is ::
 
        L_t = |F_masked - F|^2 / |F|^2   +   w_t · (λ1 Σ_b α_b + λ2 Σ_b α_b (1 - α_b))
 
@@ -45,6 +48,8 @@ cache) one timestep at a time, with the model frozen::
 Memory: one step's graph at a time. Teacher values are computed under ``no_grad``, the
 loss history holds floats, and of the block outputs only those of steps t-1 (the
 caches) and t (the next step's caches) are kept; the inputs of every step are kept.
+With ``feature="final_block"`` the blend graph stops at the last block's output.
+Every step's call must have the input shapes of the first one (one captured graph).
 
 The model's parameters get ``requires_grad_(False)`` during training; their flags and
 the model's train/eval mode are restored afterwards.
@@ -65,10 +70,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..analyze.units import Unit, UnitSet, find_units
-from ..capture import capture
-from ..errors import UnitError
-from ..schedules import LearnedMask, Mask, ScheduleError, rectify, select_units
+from ..capture import capture, flatten_call, signature_of
 from ..dropin import DropIn
+from ..rewrite.blend import blend_graph
+from ..schedules import LearnedMask, Mask, ScheduleError, rectify, select_units
 
 __all__ = ["learn_mask", "learn_mask_details", "MaskLearningResult", "timestep_weights", "INIT_ALPHA"]
 
@@ -123,79 +128,13 @@ def timestep_weights(change: Sequence[float]) -> np.ndarray:
     return w
 
 
-# ------------------------------------------------------------------------ hook machinery
+# ------------------------------------------------------------------------ helpers
 def _clone(tree):
     return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _tensors(tree) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
-
-
-class _Stop(Exception):
-    """Raised by the feature hook to skip the rest of the forward pass."""
-
-
-class _Hooks:
-    """Forward hooks on the blocks' modules: record outputs, mix with caches, grab F."""
-
-    def __init__(self, model: torch.nn.Module, units: list[Unit], feature: str):
-        self.modules = []
-        for u in units:
-            if u.module is None:
-                raise UnitError(
-                    f"unit '{u.name}' has no module whose forward returns its value; mask learning puts forward "
-                    f"hooks on modules: choose module units (LearnedMask.units)"
-                )
-            self.modules.append(model.get_submodule(u.module))
-        self.feature_index = None if feature == "output" else [u.name for u in units].index(feature)
-        self.mode = "off"
-        self.record: list = [None] * len(units)
-        self.mix: torch.Tensor | None = None
-        self.cache: list | None = None
-        self.feature: torch.Tensor | None = None
-        self.stop = True
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
-
-    def _hook(self, i: int):
-        def hook(module, args, out):
-            if self.mode == "off":
-                return None
-            if self.mode == "feature":
-                value = out
-            elif self.mode == "teacher":
-                self.record[i] = _clone(out)
-                value = out
-            else:  # "mix"
-                m = self.mix[i]
-                value = pytree.tree_map(
-                    lambda c, k: m.to(c.dtype) * c + (1 - m).to(c.dtype) * k if isinstance(c, torch.Tensor) else c,
-                    out,
-                    self.cache[i],
-                )
-            if i == self.feature_index:
-                self.feature = _tensors(value)
-                if self.stop:
-                    raise _Stop
-            return value
-
-        return hook
-
-    def run(self, model, args, kwargs, output_fn):
-        self.feature = None
-        try:
-            out = model(*args, **kwargs)
-        except _Stop:
-            return self.feature
-        if self.feature_index is None:
-            return _tensors(output_fn(out))
-        if self.feature is None:
-            raise UnitError("the feature block's module did not run in the forward pass")
-        return self.feature
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def _first_output(out):
@@ -234,7 +173,6 @@ class _InputRecorder(DropIn):
             return self.model(*args, **kwargs)
 
 
-# ------------------------------------------------------------------------------ helpers
 def _is_chain(gm, units: list[Unit]) -> bool:
     """Each unit's outputs are used only inside the next unit (data-flow order)."""
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -262,6 +200,17 @@ def _liveness_rectify(gm, unitset: UnitSet, units: list[Unit], mask: Mask) -> Ma
             if table[t][b] and name not in graph.writes and not any(o in graph.executed for o in u.outputs):
                 table[t][b] = False
     return Mask(tuple(tuple(r) for r in table), mask.units, periodic=mask.periodic)
+
+
+def _flat_inputs(model, captured, args, kwargs, t: int) -> list:
+    """Step t's call flattened as the captured graph takes it (same shapes as step 0's)."""
+    flat, spec = flatten_call(model, args, kwargs)
+    if signature_of(flat, spec) != captured.signature:
+        raise ScheduleError(
+            f"the model's call at step {t} has other input shapes, dtypes or structure than at step 0; mask "
+            f"learning runs one captured graph over the whole generation: keep the inputs' shapes fixed"
+        )
+    return flat
 
 
 def _teacher_inputs(model, run_or_inputs, seed) -> list:
@@ -321,7 +270,6 @@ def learn_mask_details(
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     modes = {m: m.training for m in model.modules()}
-    hooks = None
     try:
         model.eval()
         for p in params:
@@ -334,22 +282,39 @@ def learn_mask_details(
             raise ScheduleError(f"LearnedMask.units = {config.units!r} selects no unit of {type(model).__name__}")
         position = {n.name: i for i, n in enumerate(captured.gm.graph.nodes)}
         by_name = unitset.by_name()
-        # data-flow order; of units returning the same value the outermost comes last (its hook runs last)
+        # data-flow order; of units returning the same value the outermost comes last
         units = sorted((by_name[i.name] for i in infos), key=lambda u: (position[u.outputs[-1]], len(u.region)))
         feature_name = units[-1].name if feature == "final_block" else "output"
-        output_fn = _first_output
-        hooks = _Hooks(model, units, feature_name)
+        graph = blend_graph(captured.gm, units, model_outputs=feature == "output")
+        feature_slots = [i for i, (u, _) in enumerate(graph.slots) if u == feature_name]
+        flats = [_flat_inputs(model, captured, args, kwargs, t) for t, (args, kwargs) in enumerate(calls)]
+        T, B = len(calls), len(units)
+        device = params[0].device if params else torch.device("cpu")
+        ones = [torch.ones((), device=device) for _ in range(B)]
+        nodes = {n.name: n for n in captured.gm.graph.nodes}
+        zeros = []
+        for name, k in graph.slots:
+            val = nodes[by_name[name].outputs[k]].meta["val"]
+            zeros.append(torch.zeros(val.shape, dtype=val.dtype, device=device))
 
-        # r_t of the teacher's feature: one no-grad pass per step, keeping only the previous feature
+        def run(t: int, weights, caches):
+            """The feature at step t and the blended slots (the next step's caches)."""
+            outs, blocks = graph(flats[t], weights, caches)
+            if feature_name == "output":
+                feat = _tensors(_first_output(pytree.tree_unflatten(outs, captured.out_spec)))
+            else:
+                feat = [blocks[i] for i in feature_slots]
+            return feat, blocks
+
+        # r_t of the teacher's feature: one no-grad pass per step (every weight 1: the model),
+        # keeping only the previous feature
         change, prev = [], None
-        hooks.mode, hooks.stop = "feature", True
         with torch.no_grad():
-            for args, kwargs in calls:
-                feat = [f.detach().clone() for f in hooks.run(model, args, kwargs, output_fn)]
+            for t in range(T):
+                feat = [f.detach().clone() for f in run(t, ones, zeros)[0]]
                 change.append(math.nan if prev is None else _rel_change(feat, prev))
                 prev = feat
-        hooks.mode, prev = "off", None
-        T, B = len(calls), len(units)
+        prev = None
         if config.num_steps is not None and config.num_steps != T:
             raise ScheduleError(
                 f"LearnedMask.num_steps = {config.num_steps} but the teacher run called the model {T} times; "
@@ -360,7 +325,6 @@ def learn_mask_details(
         alpha = np.ones((T, B))
         loss_hist = np.full((T, config.iters), np.nan)
         feat_hist = np.full((T, config.iters), np.nan)
-        device = params[0].device if params else torch.device("cpu")
         init = math.log(INIT_ALPHA / (1 - INIT_ALPHA))
 
         from tqdm.auto import tqdm
@@ -368,27 +332,24 @@ def learn_mask_details(
         prev_blocks = None
         bar = tqdm(range(T), desc="learn_mask", unit="step", disable=not progress)
         for t in bar:
-            args, kwargs = calls[t]
             # teacher at step t: the target feature, and the block outputs step t+1 reuses
-            hooks.mode, hooks.stop = "teacher", True
             with torch.no_grad():
-                target = [f.detach() for f in hooks.run(model, args, kwargs, output_fn)]
-            hooks.mode = "off"
-            blocks, hooks.record = list(hooks.record), [None] * B
+                target, blocks = run(t, ones, zeros if prev_blocks is None else prev_blocks)
+                target = [f.detach() for f in target]
+                blocks = [b.detach() for b in blocks]
             if t == 0:
                 prev_blocks = blocks
                 continue
             theta = torch.full((B,), init, device=device, dtype=torch.float32, requires_grad=True)
             opt = torch.optim.Adam([theta], lr=config.lr)
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + t)
-            hooks.cache, hooks.mode, hooks.stop = prev_blocks, "mix", True
             w = float(weights[t])
             with torch.enable_grad():
                 for it in range(config.iters):
                     a = torch.sigmoid(theta)
                     sample = (torch.rand(B, generator=gen).to(device) < a.detach()).to(a.dtype)
-                    hooks.mix = sample + a - a.detach()
-                    feat = hooks.run(model, args, kwargs, output_fn)
+                    mix = sample + a - a.detach()  # straight-through: forward the sample, backward to α
+                    feat, _ = run(t, list(mix.unbind(0)), prev_blocks)
                     fl = _rel_mse(feat, target)
                     reg = config.lambda_sparsity * a.sum() + config.lambda_bimodal * (a * (1 - a)).sum()
                     loss = fl + w * reg
@@ -397,8 +358,7 @@ def learn_mask_details(
                     opt.step()
                     loss_hist[t, it] = float(loss.detach())
                     feat_hist[t, it] = float(fl.detach())
-            hooks.mode, hooks.mix, hooks.cache, hooks.feature = "off", None, None, None
-            del a, sample, feat, fl, reg, loss  # no graph of step t outlives it
+            del a, sample, mix, feat, fl, reg, loss  # no graph of step t outlives it
             alpha[t] = torch.sigmoid(theta.detach()).cpu().numpy()
             bar.set_postfix(loss=f"{loss_hist[t, -1]:.3g}", computed=int((alpha[t] > config.threshold).sum()))
             prev_blocks = blocks
@@ -429,8 +389,6 @@ def learn_mask_details(
             meta={"model_class": type(model).__name__, "config": config.to_dict(), "num_steps": T},
         )
     finally:
-        if hooks is not None:
-            hooks.remove()
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         for m, mode in modes.items():

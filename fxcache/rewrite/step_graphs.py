@@ -42,6 +42,7 @@ from ..kernels import scale_shift as scale_shift_op
 from ..analyze.units import Unit
 from ..plan import Plan, PlanError, StepKind
 from . import contract
+from .adapters import ADAPTER_ATTR
 
 __all__ = ["StepGraph", "build_step_graph", "solve_steps", "buffer_name", "fresh_outputs"]
 
@@ -60,7 +61,8 @@ class StepGraph:
     flops: int
     nodes: int
     executed: frozenset = frozenset()  # original node names that run
-    fused: int = 0  # cache reads fused with their gate/scale-shift arithmetic
+    fused: int = 0  # cache reads fused with their gate arithmetic (a rewrite.fuse.FusionResult, an int)
+    probes: tuple = ()  # probed units (scale-shift training): their (read, computed) pairs follow the outputs
 
     def code_key(self) -> str:
         return self.gm.code
@@ -86,7 +88,8 @@ class _Resolver:
         return None
 
 
-def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, writes: Iterable[str], roots=()):
+def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, writes: Iterable[str], roots=(),
+              probes: Iterable[str] = ()):
     """Live original nodes, cache reads used, and the resolved value of every write."""
     by_name = {n.name: n for n in gm.graph.nodes}
     live: set[str] = set()
@@ -111,6 +114,14 @@ def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, w
             r = resolver.resolve(o, inside)
             write_src[(w, k)] = r if r is not None else o
             need(o, inside)
+    for p in probes:  # the probed unit computed (as seen just outside it), and its own cache read
+        u = units[p]
+        inside = lambda v, u=u: v.name == u.name or v.contains(u)
+        for k, o in enumerate(u.outputs):
+            r = resolver.resolve(o, inside)
+            write_src[("probe", p, k)] = r if r is not None else o
+            need(o, inside)
+            reads.add((p, k))
     out = gm.graph.find_nodes(op="output")[0]
     for arg in out.all_input_nodes:
         need(arg.name, lambda v, n=out.name: n in v.region)
@@ -126,24 +137,41 @@ def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, w
 
 
 def build_step_graph(
-    gm: fx.GraphModule, units: list[Unit], reused: Iterable[str], writes: Iterable[str], adapters=None
+    gm: fx.GraphModule, units: list[Unit], reused: Iterable[str], writes: Iterable[str], adapters=None,
+    probes: Iterable[str] | None = None,
 ) -> StepGraph:
     """A copy of ``gm`` for one kind of step (a pass: graph in, graph out).
 
     ``adapters``: optional ``(ScaleShift, temb_node_name)``; a read of cache slot
     ``(unit, k)`` that the adapters cover becomes
     ``scale_shift(cache, *linear(temb).chunk(2))`` (block caching's scale-shift
-    adjustment, one fused op). The adapter module must be reachable from ``gm`` as
-    attribute ``fxcache_scale_shift``."""
+    adjustment, one fused op). The returned graph owns the adapter module, as its
+    submodule ``fxcache_scale_shift`` (:data:`fxcache.rewrite.adapters.ADAPTER_ATTR`);
+    ``gm`` is not changed.
+
+    ``probes`` (scale-shift training, :mod:`fxcache.calibrate.scale_shift`): units reused
+    at this step whose cache read and whose computed value the graph also returns, after
+    the model's outputs, two values per output ``k`` of each probed unit (in unit order):
+    the value a user just outside the unit sees (the adapted cache read) and the unit
+    computed on this step's values (the teacher: the uncached unit on the cached model's
+    own inputs). When ``probes`` is given (even empty), the rest of the graph sees every
+    adapted read through ``aten.detach``: gradients reach an adapter only through the
+    returned reads. Without ``probes`` the graph is the inference graph."""
     reused = frozenset(reused)
     by_unit = {u.name: u for u in units}
     writes = tuple(w for w in (u.name for u in units) if w in set(writes))
     for w in writes:
         if w in reused:
             raise PlanError(f"unit '{w}' cannot be both reused and written at one step")
+    training = probes is not None
+    probes = tuple(p for p in (u.name for u in units) if p in set(probes or ()))
+    for p in probes:
+        if p not in reused:
+            raise PlanError(f"unit '{p}' is probed but not reused at this step; only a cache read can be probed")
     resolver = _Resolver(units, reused)
     adapter, temb = adapters if adapters is not None else (None, None)
-    live, reads, write_src = _liveness(gm, by_unit, resolver, writes, roots=(temb,) if adapter is not None else ())
+    live, reads, write_src = _liveness(gm, by_unit, resolver, writes, roots=(temb,) if adapter is not None else (),
+                                       probes=probes)
 
     read_order = sorted(reads, key=lambda r: (by_unit[r[0]].order, r[1]))
     write_slots = [(w, k) for w in writes for k in range(len(by_unit[w].outputs))]
@@ -175,7 +203,7 @@ def build_step_graph(
                     f"so its scale-shift adapter cannot be applied there"
                 )
             key = adapter.key(*slot)
-            prefix = f"fxcache_scale_shift.linears.{key}"
+            prefix = f"{ADAPTER_ATTR}.linears.{key}"
             buf = buf_nodes[slot]
             weight = graph.get_attr(f"{prefix}.weight")
             bias = graph.get_attr(f"{prefix}.bias")
@@ -193,12 +221,22 @@ def build_step_graph(
             adapted[slot] = node
         return adapted[slot]
 
+    detached: dict[tuple, fx.Node] = {}
+
+    def read(slot: tuple) -> fx.Node:
+        """The value a user outside the unit sees: the buffer, or its adapted value."""
+        return adapt(slot) if adapter is not None and adapter.has(*slot) else buf_nodes[slot]
+
     def load(arg: fx.Node, user: str):
         r = resolver.resolve(arg.name, lambda v: user in v.region)
         if r is not None:
-            if adapter is not None and adapter.has(*r):
-                return adapt(r)
-            return buf_nodes[r]
+            value = read(r)
+            if training and value is not buf_nodes[r]:
+                if r not in detached:
+                    detached[r] = graph.call_function(torch.ops.aten.detach.default, (value,))
+                    detached[r].meta["val"] = value.meta.get("val")
+                return detached[r]
+            return value
         return env[arg.name]
 
     executed = []
@@ -209,14 +247,22 @@ def build_step_graph(
         env[node.name] = new
         executed.append(node.name)
     out = gm.graph.find_nodes(op="output")[0]
-    outputs = fresh_outputs(graph, fx.map_arg(out.args[0], lambda a: load(a, out.name)))
+    outputs = fx.map_arg(out.args[0], lambda a: load(a, out.name))
+    if probes:
+        taps = []
+        for p in probes:
+            for k in range(len(by_unit[p].outputs)):
+                src = write_src[("probe", p, k)]
+                taps += [read((p, k)), buf_nodes[src] if isinstance(src, tuple) else env[src]]
+        outputs = (*outputs, *taps)
+    outputs = fresh_outputs(graph, outputs)
     for slot in write_slots:
         src = write_src[slot]
         value = buf_nodes[src] if isinstance(src, tuple) else env[src]
         graph.call_function(torch.ops.aten.copy_.default, (buf_nodes[slot], value))
     graph.output(outputs)
     graph.lint()
-    new_gm = fx.GraphModule(gm, graph, class_name="StepGraph")
+    new_gm = _graph_module(gm, graph, adapter)
     contract.maybe_check(new_gm, units=units, where="step graph")
     flops = graph_cost(gm, [n for n in gm.graph.nodes if n.name in live]).total
     return StepGraph(
@@ -228,7 +274,27 @@ def build_step_graph(
         flops=flops,
         nodes=len(graph.nodes),
         executed=frozenset(executed),
+        probes=probes,
     )
+
+
+def _graph_module(gm: fx.GraphModule, graph: fx.Graph, adapter) -> fx.GraphModule:
+    """The step GraphModule: the model's attributes from ``gm`` (shared, never copied) and,
+    with adapters, the adapter module itself as submodule :data:`ADAPTER_ATTR`."""
+    if adapter is None:
+        return fx.GraphModule(gm, graph, class_name="StepGraph")
+    attrs = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            head, _, rest = node.target.partition(".")
+            obj = adapter if head == ADAPTER_ATTR else gm
+            for part in (rest if head == ADAPTER_ATTR else node.target).split("."):
+                obj = getattr(obj, part) if part else obj
+            attrs[node.target] = obj
+    new_gm = fx.GraphModule(attrs, graph, class_name="StepGraph")
+    new_gm.training = gm.training
+    setattr(new_gm, ADAPTER_ATTR, adapter)  # the module itself, in place of the containers just made
+    return new_gm
 
 
 def fresh_outputs(graph: fx.Graph, outputs):
@@ -256,13 +322,16 @@ class SolvedSteps:
     step_kinds: list[StepKind] = field(default_factory=list)
 
 
-def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None) -> SolvedSteps:
+def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None, probes=None) -> SolvedSteps:
     """Liveness across steps, then one graph per distinct step.
 
     Backwards from the last step: a computed unit writes its cache only if the value
     is read at a later step before it is computed again. A periodic plan is solved over
     two periods with every cache assumed needed after the second, and the first period
     is kept: writes at the end of a period serve the next one.
+
+    ``probes``: ``{step: units}`` for scale-shift training (see :func:`build_step_graph`);
+    what a probe reads counts as read, so earlier steps write it.
     """
     by_unit = {u.name: u for u in units}
     plan_units = [by_unit[n] for n in plan.units]
@@ -275,9 +344,10 @@ def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None
         row = plan.row(t)
         reused = frozenset(n for n, c in zip(plan.units, row) if not c)
         writes = frozenset(n for n, c in zip(plan.units, row) if c and need[n])
-        key = (reused, writes)
+        probed = None if probes is None else frozenset(probes.get(t % n_steps, ()))
+        key = (reused, writes, probed)
         if key not in cache:
-            cache[key] = build_step_graph(gm, plan_units, reused, writes, adapters)
+            cache[key] = build_step_graph(gm, plan_units, reused, writes, adapters, probed)
         sg = cache[key]
         per_step[t] = key
         read_units = set(sg.reads)
