@@ -12,10 +12,13 @@ from .errors import CaptureError, CheckpointError, FxcacheError, UnitError, Unsu
 from .plan import Plan, PlanError, UnitInfo
 from .runtime import CachedModel
 from .schedules import FORA, BlockCache, DeepCache, LearnedMask, Mask, ScheduleError, rectify
+from .schedules import AdaptiveDeepCache, FirstBlockCache, MagCache, TeaCache
+from .calibrate.fit import fit_magcache, fit_teacache
 from .calibrate.mask_learning import MaskLearningResult, learn_mask, learn_mask_details
 from .artefacts import Profile
 from .calibrate.profiler import profile
-from .calibrate.scale_shift import ScaleShift, evaluate_scale_shift, train_scale_shift
+from .calibrate.scale_shift import evaluate_scale_shift, train_scale_shift
+from .rewrite.adapters import ScaleShift
 
 __all__ = [
     "compile",
@@ -33,6 +36,12 @@ __all__ = [
     "FORA",
     "BlockCache",
     "LearnedMask",
+    "FirstBlockCache",
+    "AdaptiveDeepCache",
+    "MagCache",
+    "fit_magcache",
+    "TeaCache",
+    "fit_teacache",
     "rectify",
     "profile",
     "Profile",

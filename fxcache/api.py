@@ -20,9 +20,13 @@ from .runtime import CachedModel, CompileOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibrate.scale_shift import ScaleShift
-    from .schedules import FORA, BlockCache, DeepCache, LearnedMask, Mask
+    from .schedules import (
+        FORA, AdaptiveDeepCache, BlockCache, DeepCache, FirstBlockCache, LearnedMask, MagCache, Mask, TeaCache,
+    )
 
-    Schedule = Union[Mask, DeepCache, FORA, BlockCache, LearnedMask]
+    Schedule = Union[
+        Mask, DeepCache, FORA, BlockCache, LearnedMask, FirstBlockCache, AdaptiveDeepCache, MagCache, TeaCache
+    ]
 
 __all__ = ["compile", "units", "plan_for", "attach", "enable", "disable", "detach"]
 

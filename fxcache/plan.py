@@ -16,7 +16,7 @@ unit costs; after binding they are counted on the rewritten graphs.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .errors import FxcacheError
@@ -90,6 +90,11 @@ class Plan:
 
     A plan is immutable: :meth:`bind` (the rewrite's executed graphs) and
     :meth:`with_compile` (what was compiled) return new plans.
+
+    ``adaptive`` (an :class:`~fxcache.schedules.adaptive.AdaptivePolicy`) marks the plan
+    of an adaptive schedule: its table is two rows, the full kind and the reuse kind, and
+    which runs at a step is decided at run time (the FLOP figures are those of one full
+    and one reused step; ``CachedModel.decisions()`` tells what ran).
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class Plan:
         full_flops: int = 0,
         schedule: object = None,
         notes: Sequence[str] = (),
+        adaptive: object = None,
     ):
         object.__setattr__(self, "_frozen", False)
         self.unit_infos: tuple[UnitInfo, ...] = tuple(units)
@@ -115,6 +121,10 @@ class Plan:
         self.compiled_graphs: int | None = None
         self.compile_note: str = ""
         self.notes: tuple[str, ...] = tuple(notes)  # extra lines for explain(), e.g. DeepCache's branch costs
+        # an adaptive schedule's AdaptivePolicy (fxcache.schedules.adaptive): the table is then
+        # [full row, reuse row], and the runtime picks one of the two per step from a decision
+        # computed on the device one step earlier; None for a static plan
+        self.adaptive = adaptive
         self._validate()
         self._frozen = True
 
@@ -293,6 +303,15 @@ class Plan:
             lines.append(f"      reuses: {_fmt_names(k.reused, self.units)}")
             if self.bound:
                 lines.append(f"      reads {len(k.reads)} slots, writes {len(k.writes)} slots")
+        if self.adaptive is not None:
+            a = self.adaptive
+            limit = "no limit" if a.max_reuse is None else f"at most {a.max_reuse}"
+            lines.append(
+                f"  adaptive ({a.name}): kind of each step chosen at run time from the {a.statistic} change of "
+                f"{a.probe[0]} {list(a.probe[1])} (threshold {a.threshold:g}), decided on the device one step "
+                f"ahead; first {a.first_steps} and last {a.last_steps} steps full, {limit} consecutive reuses; "
+                f"the figures above assume one full and one reused step"
+            )
         for note in self.notes:
             lines.append(f"  {note}")
         if self.compiled_graphs is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .analyze.units import UnitSet
 from .errors import UnitError
 from .plan import Plan
-from .schedules import ModelFacts, lower
+from .schedules import ModelFacts, adaptive_policy, lower
 
 __all__ = ["lower_to_plan", "check_laminar"]
 
@@ -40,6 +40,7 @@ def lower_to_plan(schedule, unitset: UnitSet, num_steps: int | None, model_class
         full_flops=unitset.full_flops,
         schedule=schedule,
         notes=notes,
+        adaptive=adaptive_policy(schedule, infos, num_steps),
     )
 
 

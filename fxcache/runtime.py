@@ -68,6 +68,17 @@ recapture: the graphs read the parameters themselves.
 **Training mode.** Capture is in eval mode; a model left in training mode runs the
 eval-mode graph and warns once.
 
+**Adaptive plans** (``plan.adaptive``: FirstBlockCache, AdaptiveDeepCache). The two
+step graphs also compute the policy's statistic on the device and write the decision
+for the *next* step into a static state buffer (:mod:`fxcache.rewrite.adaptive`). After
+each step the runtime queues a copy of it to the host (``non_blocking`` into pinned
+memory and a CUDA event on CUDA; a plain copy on the CPU) and reads it, through a NumPy
+view, when the next step of the same generation, cache context and input signature is
+called: the one-step lag. The host limits (``first_steps``, ``last_steps``,
+``max_reuse``) and the valid slots apply on top. Without such a previous step (a new
+generation, shape or step jump) the state buffers are zeroed on the device and the step
+computes everything. :meth:`CachedModel.decisions` returns the record.
+
 The per-step path does no logging and no device-to-host synchronisation.
 """
 
@@ -78,7 +89,7 @@ import inspect
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -90,9 +101,10 @@ from .dropin import DropIn
 from .errors import CheckpointError, FxcacheError
 from .plan import Plan
 from .planning import lower_to_plan
+from .rewrite.adaptive import DECISION as STATE_DECISION
 from .rewrite.step_graphs import SolvedSteps, build_step_graph, solve_steps
 
-__all__ = ["CachedModel", "CompileOptions", "UnsupportedCallError"]
+__all__ = ["CachedModel", "CompileOptions", "Decisions", "UnsupportedCallError"]
 
 TIMESTEP_RULES = ("auto", "values", "storage", "off")
 
@@ -171,6 +183,7 @@ class _Entry:
     repair_writes: frozenset
     uid: int = 0
     repair_program: Any = None  # compiled lazily, at the first step that needs it
+    adaptive: Any = None  # AdaptiveSteps (fxcache.rewrite.adaptive) of an adaptive plan, else None
 
 
 @dataclass
@@ -185,6 +198,7 @@ class _State:
     signature: tuple | None = None  # the signature `valid` refers to
     valid: set = field(default_factory=set)  # slots written in this generation (for `signature`)
     buffers: dict = field(default_factory=dict)  # signature -> (entry uid, {(unit, k): tensor})
+    decider: Any = None  # _Decider: the host side of adaptive plans
 
     def new_generation(self) -> None:
         self.step = 0
@@ -193,6 +207,78 @@ class _State:
         self.last_storage = None
         self.new = True
         self.valid = set()
+        if self.decider is not None:
+            self.decider.new_generation()
+
+
+class Decisions(list):
+    """The record of one generation of an adaptive plan in one cache context: per step,
+    True when it computed everything (the full kind), False when it reused. ``statistic``
+    holds the statistic each step measured on the device (NaN where the next step did not
+    read it: the generation, the input shape or the step count changed)."""
+
+    def __init__(self, computed, statistic):
+        super().__init__(computed)
+        self.statistic = list(statistic)
+
+
+class _Decider:
+    """The host side of an adaptive plan, per cache state: the host copy of the last
+    step's decision (pinned memory and a CUDA event on CUDA, a plain copy on the CPU), the
+    run of consecutive reused steps and the record of the generation. Reads the decision
+    through a NumPy view of the host copy: no ``Tensor.item``/``__bool__``/``.cpu()``."""
+
+    def __init__(self):
+        self.key = None  # (entry uid, signature) of the pending decision
+        self.pending: int | None = None  # the step whose decision the host copy holds
+        self.host = None
+        self.host_np = None
+        self.event = None
+        self.run = 0
+        self.computed: list = []
+        self.stats: list = []
+        self.last = None  # the previous generation: (computed, stats, host, host_np, event, pending)
+
+    def new_generation(self) -> None:
+        if self.computed:
+            self.last = (self.computed, self.stats, self.host, self.host_np, self.event, self.pending)
+            self.host = self.host_np = self.event = None  # the previous generation keeps its host copy
+        self.computed, self.stats = [], []
+        self.pending, self.key, self.run = None, None, 0
+
+    def read(self) -> tuple[float, bool]:
+        if self.event is not None:
+            self.event.synchronize()  # the copy queued after the previous step (see the README)
+        return float(self.host_np[0]), bool(self.host_np[1] > 0.5)
+
+    def write(self, decision: torch.Tensor) -> None:
+        if self.host is None:
+            cuda = decision.device.type == "cuda"
+            with torch.inference_mode(False):
+                self.host = torch.empty(decision.shape, dtype=decision.dtype, pin_memory=cuda)
+            self.host_np = self.host.numpy()
+            self.event = torch.cuda.Event() if cuda else None
+        if self.event is not None:
+            self.host.copy_(decision, non_blocking=True)
+            self.event.record()
+        else:
+            self.host.copy_(decision)
+
+    def record(self) -> Decisions | None:
+        """The current generation's record, or the previous one's when none started."""
+        if self.computed:
+            computed, stats, host_np, event, pending = self.computed, self.stats, self.host_np, self.event, self.pending
+        elif self.last is not None:
+            computed, stats, _, host_np, event, pending = self.last
+        else:
+            return None
+        stats = list(stats)
+        if len(stats) < len(computed) and pending == len(computed) - 1 and host_np is not None:
+            if event is not None:
+                event.synchronize()
+            stats.append(float(host_np[0]))
+        stats += [float("nan")] * (len(computed) - len(stats))
+        return Decisions(computed, stats)
 
 
 class _ThreadState(threading.local):
@@ -403,7 +489,14 @@ class CachedModel(DropIn):
 
         device = next((v.device for v in captured.gm.graph.find_nodes(op="placeholder")
                        for v in [v.meta.get("val")] if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        programs, count, note = build_programs(captured.gm, plan_units, solved, self.options, device, adapters)
+        options, adaptive = self.options, None
+        if plan.adaptive is not None:
+            # the statistic pass (one step-graph pass per kind) and one graph per kind: two kinds
+            from .rewrite.adaptive import adapt_step_graphs
+
+            adaptive = adapt_step_graphs(captured.gm, units, solved, plan.adaptive)
+            options = replace(options, segments=False)
+        programs, count, note = build_programs(captured.gm, plan_units, solved, options, device, adapters)
         plan = plan.with_compile(count if self.options.backend is not None else 0, note)
         # the repair graph: every unit computed, every slot some kind reads written
         read_units = sorted({u for g in solved.graphs for u in g.reads}, key=list(plan.units).index)
@@ -413,8 +506,12 @@ class CachedModel(DropIn):
         nodes = {n.name: n for n in captured.gm.graph.nodes}
         for g in (*solved.graphs, repair):
             for slot in g.buffers:
+                if adaptive is not None and slot in adaptive.specs:
+                    continue
                 val = nodes[by_name[slot[0]].outputs[slot[1]]].meta["val"]
                 specs[slot] = (tuple(val.shape), tuple(val.stride()), val.dtype)
+        if adaptive is not None:
+            specs.update(adaptive.specs)  # the state buffers: allocated, zeroed and kept like cache buffers
         self._uid += 1
         entry = _Entry(
             captured=captured,
@@ -429,6 +526,7 @@ class CachedModel(DropIn):
             repair_graph=repair,
             repair_writes=_slots(repair, repair.writes),
             uid=self._uid,
+            adaptive=adaptive,
         )
         self._entries[signature] = entry
         while len(self._entries) > self.options.max_shapes:
@@ -442,7 +540,7 @@ class CachedModel(DropIn):
         if source is None:
             return None
         from .analyze.units import temb_output
-        from .calibrate.scale_shift import ScaleShift
+        from .rewrite.adapters import ScaleShift
 
         adapter = source if isinstance(source, ScaleShift) else ScaleShift.load(source)
         by_name = units.by_name()
@@ -455,7 +553,7 @@ class CachedModel(DropIn):
             )
         adapter = adapter.to(next(self.model.parameters()).device)
         self.scale_shift_adapters = adapter
-        captured.gm.fxcache_scale_shift = adapter
+        # an explicit argument of the rewrite: each step graph owns the adapter module
         return adapter, temb_output(captured.gm, adapter.temb_module)
 
     def _cache_buffers(self, state: _State, signature: tuple, entry: _Entry, device: torch.device) -> dict:
@@ -579,7 +677,10 @@ class CachedModel(DropIn):
                     stacklevel=2,
                 )
         else:
-            kind = plan.kind_of_step(step)
+            if entry.adaptive is None:
+                kind = plan.kind_of_step(step)
+            else:
+                kind = self._adaptive_kind(state, entry, signature, bufs, step)
             if not entry.kind_reads[kind] <= state.valid:
                 kind = None  # a slot it reads was not written in this generation: repair
         with grad_ctx:
@@ -591,9 +692,59 @@ class CachedModel(DropIn):
                 valid = state.valid
                 valid -= entry.kind_stale[kind]
                 valid |= entry.kind_writes[kind]
+            if entry.adaptive is not None:
+                self._adaptive_after(state, entry, signature, bufs, kind, step)
         state.step = step + 1
         state.new = False
         return pytree.tree_unflatten(list(out), entry.captured.out_spec)
+
+    # ------------------------------------------------------------- adaptive
+    def _adaptive_kind(self, state: _State, entry: _Entry, signature: tuple, bufs: dict, step: int) -> int:
+        """The kind of this step of an adaptive plan: reuse when the previous step of this
+        generation, cache state and input signature said so on the device (its host copy,
+        read here: the one-step lag) and the host limits allow it; otherwise the full kind.
+        Without that previous step the adaptive state starts afresh (its buffers are
+        zeroed on the device: no reference, so the next decision is "compute")."""
+        a = entry.adaptive
+        d = state.decider
+        if d is None:
+            d = state.decider = _Decider()
+        key = (entry.uid, signature)
+        reuse_ok = False
+        if d.pending is not None and d.pending == step - 1 and d.key == key:
+            stat, reuse_ok = d.read()
+            d.stats.append(stat)
+        else:
+            d.stats += [float("nan")] * (len(d.computed) - len(d.stats))
+            d.run = 0
+            for slot in a.slots:
+                bufs[slot].zero_()
+        if reuse_ok and not a.policy.forced_full(step, d.run) and entry.kind_reads[a.reuse_kind] <= state.valid:
+            return a.reuse_kind
+        return a.full_kind
+
+    def _adaptive_after(self, state: _State, entry: _Entry, signature: tuple, bufs: dict, kind, step: int) -> None:
+        """Record the step and queue the copy of its decision to the host (no wait)."""
+        a = entry.adaptive
+        d = state.decider
+        full = kind != a.reuse_kind
+        d.computed.append(full)
+        d.run = 0 if full else d.run + 1
+        d.write(bufs[STATE_DECISION])
+        d.pending, d.key = step, (entry.uid, signature)
+
+    def decisions(self) -> dict:
+        """Per cache context of the calling thread (``None``: no context), the record of the
+        current generation of an adaptive plan, or of the last one when none has started:
+        a :class:`Decisions` list (per step, True: computed everything; False: reused) with
+        the measured ``statistic``. Reading the last step's statistic may wait for the
+        device. Static plans keep no record (their steps follow from the plan)."""
+        out = {}
+        for ctx, st in self._local.states.items():
+            rec = st.decider.record() if st.decider is not None else None
+            if rec is not None:
+                out[ctx] = rec
+        return out
 
     def _repair_program(self, entry: _Entry):
         if entry.repair_program is None:

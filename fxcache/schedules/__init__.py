@@ -15,21 +15,28 @@ config that refers to a file (a profile, a scale-shift checkpoint) reads it when
 built. :class:`ModelFacts` (model class, unit shapes, modules that are not units) let
 a registered check (:func:`register_check`) refuse artefacts recorded on another model.
 
-==============  ==========================================  ==============================
-schedule        paper                                        units it selects
-==============  ==========================================  ==============================
-DeepCache       deepcache.txt Eq. 6-7                        ``skip_branch.{branch}``
-FORA            fora.txt Sec. 3.2                            attention/MLP sublayers of
-                                                             transformer blocks (and Flux
-                                                             single-block ``.branch``)
-BlockCache      block-caching.txt Eq. 6-7                    units of given kinds / names
-LearnedMask     timestep-aware-block-masking.txt             (learned by fxcache.learn_mask)
-Mask            -                                            the units it names
-==============  ==========================================  ==============================
+=================  ==========================================  ==============================
+schedule           paper                                       units it selects
+=================  ==========================================  ==============================
+DeepCache          deepcache.txt Eq. 6-7                       ``skip_branch.{branch}``
+FORA               fora.txt Sec. 3.2                           attention/MLP sublayers of
+                                                               transformer blocks (and Flux
+                                                               single-block ``.branch``)
+BlockCache         block-caching.txt Eq. 6-7                   units of given kinds / names
+LearnedMask        timestep-aware-block-masking.txt            (learned by fxcache.learn_mask)
+FirstBlockCache    FBCache (ParaAttention); adaptive           attention/MLP after the probe
+AdaptiveDeepCache  DeepCache, adaptive refresh (fxcache)       ``skip_branch.{branch}``
+TeaCache           TeaCache; adaptive, fitted polynomial       attention/MLP sublayers (FORA's)
+MagCache           MagCache; static table from calibrated      attention/MLP sublayers (FORA's)
+                   magnitude ratios
+Mask               -                                           the units it names
+=================  ==========================================  ==============================
 
 Modules: ``_validate`` (errors, field checks, unit selection, the JSON base),
 ``registry`` (dispatch, :func:`lower`, JSON), ``mask`` (:class:`Mask`, :func:`rectify`),
-and one module per method: ``deepcache``, ``fora``, ``block_cache``, ``learned_mask``.
+and one module per method: ``deepcache``, ``fora``, ``block_cache``, ``learned_mask``;
+``adaptive`` holds the adaptive schedules (two-row mask + :class:`AdaptivePolicy`);
+``magcache``: MagCache, whose decision depends only on calibrated ratios (a static mask).
 """
 
 from ._validate import ScheduleError, UnknownUnitError, select_units
@@ -38,6 +45,8 @@ from .registry import (
     lower,
     register_check,
     register_lowering,
+    register_policy,
+    adaptive_policy,
     registered_schedules,
     schedule_from_dict,
     schedule_from_json,
@@ -48,6 +57,8 @@ from .deepcache import DEEPCACHE_DEFAULT_CENTER, DEEPCACHE_DEFAULT_POWER, DeepCa
 from .fora import FORA, fora_units
 from .block_cache import BlockCache, delta_refresh
 from .learned_mask import LearnedMask
+from .adaptive import AdaptiveDeepCache, AdaptivePolicy, FirstBlockCache, TeaCache
+from .magcache import MagCache, magcache_rows
 
 __all__ = [
     "ScheduleError",
@@ -75,4 +86,13 @@ __all__ = [
     # added with the package: what lowering may check artefacts against
     "ModelFacts",
     "register_check",
+    # adaptive schedules (issue 10): the step kind is chosen at run time, one step late
+    "FirstBlockCache",
+    "AdaptiveDeepCache",
+    "AdaptivePolicy",
+    "MagCache",
+    "magcache_rows",
+    "TeaCache",
+    "register_policy",
+    "adaptive_policy",
 ]

@@ -36,6 +36,8 @@ __all__ = [
     "register_lowering",
     "register_check",
     "registered_schedules",
+    "register_policy",
+    "adaptive_policy",
     "schedule_from_dict",
     "schedule_from_json",
 ]
@@ -83,6 +85,7 @@ class ModelFacts:
 _SCHEDULE_TYPES: dict[str, type] = {}
 _LOWERINGS: dict[type, Callable[[Any, list[UnitInfo], "int | None"], "Mask"]] = {}
 _CHECKS: dict[type, Callable[[Any, list[UnitInfo], ModelFacts], None]] = {}
+_POLICIES: dict[type, Callable[[Any, list[UnitInfo], "int | None"], Any]] = {}
 
 
 def _serialisable(cls: type) -> type:
@@ -111,6 +114,27 @@ def register_check(cls: type):
         return fn
 
     return deco
+
+
+def register_policy(cls: type):
+    """Decorator for adaptive schedules: ``@register_policy(MyConfig) def f(config, units,
+    num_steps) -> AdaptivePolicy`` (:mod:`.adaptive`): what the statistic pass measures and
+    what the runtime decides from it, beside the two-row mask the config lowers to."""
+
+    def deco(fn):
+        _POLICIES[cls] = fn
+        return fn
+
+    return deco
+
+
+def adaptive_policy(schedule: Any, units: Sequence[UnitInfo], num_steps: int | None = None):
+    """The :class:`~.adaptive.AdaptivePolicy` of an adaptive schedule on these units, or
+    None for a static schedule (its step kinds follow from the step index alone)."""
+    fn = _dispatch(_POLICIES, schedule)
+    if fn is None:
+        return None
+    return fn(schedule, _units_seq(units), _check_num_steps(num_steps))
 
 
 def registered_schedules() -> tuple[str, ...]:
