@@ -1,7 +1,7 @@
 """Eager vs inductor (with and without weight freezing) on the embedded digit U-Net,
 full plan, batch 4: first-call (compile) time and the median of 15 interleaved runs of
 10 steps each, in one process. Run: .venv/bin/python bench/compile_speed.py"""
-import torch, time, statistics, sys
+import torch, time, statistics
 import fxcache
 from fxcache.models import load
 torch.set_num_threads(1)

@@ -217,22 +217,30 @@ def context_mode(args, rank: int, world: int, device: torch.device) -> dict:
     def build():
         full = fxcache.compile(model, fxcache.FORA(interval=1), backend=args.backend)
         fora = fxcache.compile(model, fxcache.FORA(interval=args.interval), backend=args.backend)
-        flow_sample(full, x, kw, 1)
-        flow_sample(fora, x, kw, 1)
-        for name, cm in (("compute-everything", full), ("FORA", fora)):
+        adaptive = fxcache.compile(model, fxcache.FirstBlockCache(args.threshold), backend=args.backend)
+        for cm in (full, fora, adaptive):
+            flow_sample(cm, x, kw, 1)
+        for name, cm in (("compute-everything", full), ("FORA", fora), ("FirstBlockCache", adaptive)):
             if collectives_in(cm) == 0:
                 raise fxcache.errors.UnsupportedModelError(
                     f"the {name} capture of the context-parallel model holds no collective: it would run "
                     f"without parallelism; refusing")
-        return full, fora
+        return full, fora, adaptive
 
-    full, fora = agree(rank, world, build)
+    full, fora, adaptive = agree(rank, world, build)
     single_fora = fxcache.compile(single, fxcache.FORA(interval=args.interval), backend=args.backend)
+    single_adaptive = fxcache.compile(single, fxcache.FirstBlockCache(args.threshold), backend=args.backend)
     start = time.perf_counter()
     out_full = flow_sample(full, x, kw, args.steps)
     out_fora = flow_sample(fora, x, kw, args.steps)
     seconds = time.perf_counter() - start
     out_single_fora = flow_sample(single_fora, x, kw, args.steps)
+    # adaptive: the statistic is all-reduced over the ranks in the graph, so every rank
+    # (each with its own shard) makes the decision of the whole tensor
+    out_adaptive = flow_sample(adaptive, x, kw, args.steps)
+    out_single_adaptive = flow_sample(single_adaptive, x, kw, args.steps)
+    decided = adaptive.decisions()[None]
+    single_decided = single_adaptive.decisions()[None]
     mine = {
         "rank": rank,
         "full_equals_plain_cp": bool(torch.equal(out_full, plain)),
@@ -240,6 +248,11 @@ def context_mode(args, rank: int, world: int, device: torch.device) -> dict:
         "plain_cp_max_abs_vs_single": float((plain - reference).abs().max()),
         "fora_cp_max_abs_vs_single_fora": float((out_fora - out_single_fora).abs().max()),
         "fora_cp_max_abs_vs_uncached": float((out_fora - plain).abs().max()),
+        "adaptive_decisions": [bool(d) for d in decided],
+        "adaptive_statistic": [float(v) for v in decided.statistic],
+        "single_process_adaptive_decisions": [bool(d) for d in single_decided],
+        "single_process_adaptive_statistic": [float(v) for v in single_decided.statistic],
+        "adaptive_cp_max_abs_vs_single_adaptive": float((out_adaptive - out_single_adaptive).abs().max()),
         "cache_bytes": fora.plan.cache_bytes,
         "single_process_cache_bytes": single_fora.plan.cache_bytes,
         "collectives_captured": collectives_in(fora),
@@ -260,6 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--interval", type=int, default=2, help="DeepCache/FORA interval")
+    p.add_argument("--threshold", type=float, default=0.33, help="context mode: the FirstBlockCache threshold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process (equal in both runs)")
     p.add_argument("--backend", default=None, help="torch.compile backend for the step graphs (default: eager)")
@@ -269,6 +283,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rank, world, device = init()
+    done = False
     try:
         result = (data_mode if args.mode == "data" else context_mode)(args, rank, world, device)
         if rank == 0:
@@ -277,9 +292,20 @@ def main(argv=None) -> int:
             if args.json:
                 with open(args.json, "w") as f:
                     f.write(text + "\n")
+        done = True
     finally:
         if world > 1:
+            if done:
+                dist.barrier()  # no rank tears its connections down while another still uses them
             dist.destroy_process_group()
+    if world > 1:
+        # Everything is written and the process group is destroyed. Skip the interpreter's
+        # finalisation: gloo's worker threads can abort it (SIGABRT, "terminate called without
+        # an active exception", seen once in CI on rank 1; pytorch/pytorch#179291 describes the
+        # teardown race), which would turn a finished run into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

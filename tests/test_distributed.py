@@ -4,7 +4,9 @@ Drives ``examples/distributed.py`` (the README's commands) and checks what it re
 data parallel equals the single-process run bit for bit; under diffusers' context
 parallelism (Ulysses, Flux) the captured per-rank programs hold the collectives, the
 compute-everything plan equals the uncached context-parallel run, FORA matches
-single-process FORA within fp32 round-off and each rank caches half the bytes; a rank
+single-process FORA within fp32 round-off and each rank caches half the bytes; an
+adaptive schedule's statistic is all-reduced in the graph, so the ranks (each with its
+own shard of the input) make the same decisions as one process would; a rank
 whose capture fails stops every rank with its error instead of hanging.
 """
 
@@ -32,6 +34,11 @@ def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
                           env=env, cwd=ROOT)
 
 
+def _why(run: subprocess.CompletedProcess) -> str:
+    """Both streams' tails: where a rank stopped shows in its last printed line."""
+    return f"rc={run.returncode}\n--- stdout ---\n{run.stdout[-2000:]}\n--- stderr ---\n{run.stderr[-4000:]}"
+
+
 def _example():
     spec = importlib.util.spec_from_file_location("fxcache_distributed_example", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
@@ -51,7 +58,7 @@ def test_data_parallel_equals_the_single_process_run(tmp_path, one_thread):
     out = tmp_path / "samples.pt"
     common = ["--mode", "data", "--samples", "4", "--batch", "1", "--steps", "4"]
     run = _torchrun(*common, "--out", str(out), "--json", str(tmp_path / "r.json"))
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, _why(run)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["world"] == 2 and len(report["per_rank_seconds"]) == 2
     gathered = torch.load(out)
@@ -68,8 +75,8 @@ def test_data_parallel_equals_the_single_process_run(tmp_path, one_thread):
 
 
 def test_context_parallel_flux_caches_each_ranks_shard(tmp_path):
-    run = _torchrun("--mode", "context", "--steps", "3", "--json", str(tmp_path / "r.json"))
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _torchrun("--mode", "context", "--steps", "6", "--json", str(tmp_path / "r.json"))
+    assert run.returncode == 0, _why(run)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["world"] == 2 and len(report["ranks"]) == 2
     for rank in report["ranks"]:
@@ -78,6 +85,15 @@ def test_context_parallel_flux_caches_each_ranks_shard(tmp_path):
         assert rank["fora_cp_max_abs_vs_single_fora"] < 1e-5, rank
         assert rank["fora_cp_max_abs_vs_uncached"] > 1e-4, rank  # FORA really reused under CP
         assert 2 * rank["cache_bytes"] == rank["single_process_cache_bytes"], rank
+        # adaptive: each rank sees only its shard, the all-reduced statistic is the whole tensor's
+        assert rank["adaptive_decisions"] == rank["single_process_adaptive_decisions"], rank
+        assert False in rank["adaptive_decisions"], rank  # it did reuse
+        assert rank["adaptive_cp_max_abs_vs_single_adaptive"] < 1e-5, rank
+        for a, b in zip(rank["adaptive_statistic"][1:], rank["single_process_adaptive_statistic"][1:]):
+            assert abs(a - b) <= 1e-5 * abs(b), rank
+    first, second = report["ranks"]
+    assert first["adaptive_decisions"] == second["adaptive_decisions"]
+    assert first["adaptive_statistic"] == second["adaptive_statistic"]
 
 
 def test_a_rank_that_fails_to_capture_stops_every_rank(tmp_path):

@@ -1,7 +1,6 @@
 """fxcache inside real diffusers pipelines (built from configs, random weights)."""
 
 import numpy as np
-import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiTPipeline
 

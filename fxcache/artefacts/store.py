@@ -1,7 +1,7 @@
 """fxcache's artefacts on disk: one reader and one writer for all of them.
 
 An artefact (a :class:`~fxcache.artefacts.Profile`, a
-:class:`~fxcache.calibrate.scale_shift.ScaleShift` checkpoint) is one ``.safetensors``
+:class:`~fxcache.rewrite.adapters.ScaleShift` checkpoint) is one ``.safetensors``
 file: its arrays as tensors, and a JSON header in the file's metadata under one key
 (``"fxcache.profile"``, ``"fxcache.scale_shift"``). No pickle anywhere.
 

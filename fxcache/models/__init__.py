@@ -35,7 +35,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = [
     "SCHEDULER_CONFIG",

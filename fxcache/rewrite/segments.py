@@ -25,9 +25,8 @@ no storage with a buffer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from ..analyze.units import Unit
