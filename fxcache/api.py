@@ -47,6 +47,7 @@ def compile(
     scale_shift: ScaleShift | str | os.PathLike | None = None,
     timestep_rule: str = "auto",
     repeated_timesteps: bool = False,
+    forecast: int = 0,
 ) -> CachedModel:
     """Return a drop-in replacement for ``model`` that follows ``schedule``.
 
@@ -63,7 +64,11 @@ def compile(
     timestep_rule: how a new generation is told from the timestep, ``"auto"``
     (default), ``"values"``, ``"storage"`` or ``"off"``; repeated_timesteps: equal
     consecutive timesteps continue a generation (Heun-like schedulers). See
-    :mod:`fxcache.runtime`, "When does a new generation start?".
+    :mod:`fxcache.runtime`, "When does a new generation start?". forecast: what a cache
+    read yields, for every schedule: 0 (default) the value stored when the unit was
+    last computed; 1 or 2 the polynomial of that order through the unit's values at
+    its last 2 or 3 computed steps, evaluated at this step (TaylorSeer's
+    finite-difference forecast); the cache then holds ``forecast + 1`` values per slot.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
@@ -71,10 +76,12 @@ def compile(
         raise TypeError("this model is already a CachedModel; compile the original model instead")
     if max_shapes < 1:
         raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
+    if isinstance(forecast, bool) or forecast not in (0, 1, 2):
+        raise ValueError(f"forecast must be 0 (reuse), 1 or 2 (the order of the extrapolation), got {forecast!r}")
     opts = CompileOptions(
         backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
         freezing=freezing, segments=segments, max_graphs=max_graphs, scale_shift=scale_shift,
-        timestep_rule=timestep_rule, repeated_timesteps=bool(repeated_timesteps),
+        timestep_rule=timestep_rule, repeated_timesteps=bool(repeated_timesteps), forecast=int(forecast),
     )
     if segments not in (True, False, "auto"):
         raise ValueError(f"segments must be True, False or 'auto', got {segments!r}")

@@ -120,6 +120,7 @@ class Plan:
         self._kinds: list[StepKind] | None = None
         self.compiled_graphs: int | None = None
         self.compile_note: str = ""
+        self.forecast: int = 0  # the order of the forecast at cache reads (with_forecast)
         self.notes: tuple[str, ...] = tuple(notes)  # extra lines for explain(), e.g. DeepCache's branch costs
         # an adaptive schedule's AdaptivePolicy (fxcache.schedules.adaptive): the table is then
         # [full row, reuse row], and the runtime picks one of the two per step from a decision
@@ -220,6 +221,11 @@ class Plan:
         """This plan with the number of compiled graphs and how they were compiled."""
         return self._replace(compiled_graphs=int(compiled_graphs), compile_note=str(note))
 
+    def with_forecast(self, order: int) -> "Plan":
+        """This plan with forecasting cache reads of ``order`` (each slot keeps ``order + 1``
+        values)."""
+        return self._replace(forecast=int(order))
+
     @property
     def bound(self) -> bool:
         return self._kinds is not None
@@ -264,12 +270,16 @@ class Plan:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the static cache buffers of one cache state (one input shape)."""
+        """Bytes of the static cache buffers of one cache state (one input shape); with
+        forecasting, every slot's history and the coefficient buffer included."""
         if self._kinds is not None:
             slots = {r for k in self._kinds for r in (*k.reads, *k.writes)}
         else:
             slots = {n for s in range(self.num_steps) for n in self.reused_at(s)}
-        return sum(self._by_name[n].cache_bytes for n in slots if n in self._by_name)
+        values = sum(self._by_name[n].cache_bytes for n in slots if n in self._by_name)
+        if not self.forecast:
+            return values
+        return values * (self.forecast + 1) + len(self.units) * (self.forecast + 1) * 4
 
     # ------------------------------------------------------------------ output
     def explain(self) -> str:
@@ -282,7 +292,8 @@ class Plan:
             f"over {self.num_steps} steps | ideal speed-up {self.ideal_speedup:.2f}x"
             + ("" if self.bound else " (estimated; exact once compiled)")
         )
-        lines.append(f"  cache: {_fmt_bytes(self.cache_bytes)} per cache state")
+        lines.append(f"  cache: {_fmt_bytes(self.cache_bytes)} per cache state"
+                     + (f" (forecast order {self.forecast}: {self.forecast + 1} values per slot)" if self.forecast else ""))
         lines.append("  units:")
         width = max(len(n) for n in self.units)
         for u in self.unit_infos:

@@ -102,7 +102,7 @@ from .errors import CheckpointError, FxcacheError
 from .plan import Plan
 from .planning import lower_to_plan
 from .rewrite.adaptive import DECISION as STATE_DECISION
-from .rewrite.step_graphs import SolvedSteps, build_step_graph, solve_steps
+from .rewrite.step_graphs import FORECAST_SLOT, SolvedSteps, build_step_graph, forecast_weights, solve_steps
 
 __all__ = ["CachedModel", "CompileOptions", "Decisions", "UnsupportedCallError"]
 
@@ -129,6 +129,7 @@ class CompileOptions:
     scale_shift: object = None  # ScaleShift adapters or a path to their checkpoint
     timestep_rule: str = "auto"  # see "When does a new generation start?"
     repeated_timesteps: bool = False  # Heun-like schedulers: equal timesteps continue a generation
+    forecast: int = 0  # cache reads: 0 reuse, 1/2 extrapolate over the last computed steps
 
 
 # ------------------------------------------------------------ module changes
@@ -199,6 +200,12 @@ class _State:
     valid: set = field(default_factory=set)  # slots written in this generation (for `signature`)
     buffers: dict = field(default_factory=dict)  # signature -> (entry uid, {(unit, k): tensor})
     decider: Any = None  # _Decider: the host side of adaptive plans
+    computed_at: dict = field(default_factory=dict)  # forecasting: unit -> steps it was written, newest first
+
+    def forget(self) -> None:
+        """No slot holds a value of this generation (for ``signature``)."""
+        self.valid = set()
+        self.computed_at = {}
 
     def new_generation(self) -> None:
         self.step = 0
@@ -206,7 +213,7 @@ class _State:
         self.direction = 0
         self.last_storage = None
         self.new = True
-        self.valid = set()
+        self.forget()
         if self.decider is not None:
             self.decider.new_generation()
 
@@ -478,8 +485,9 @@ class CachedModel(DropIn):
         plan = lower_to_plan(self.schedule, units, self.options.num_steps, type(self.model).__name__)
         adapters = self._adapters(captured, units, plan)
         plan_units = [u for u in units if u.name in set(plan.units)]
-        solved = solve_steps(captured.gm, plan_units, plan, adapters)
-        plan = plan.bind(solved.kind_of_step, solved.step_kinds)
+        order = self.options.forecast
+        solved = solve_steps(captured.gm, plan_units, plan, adapters, forecast=order)
+        plan = plan.bind(solved.kind_of_step, solved.step_kinds).with_forecast(order)
         if self.options.fuse:
             from .rewrite.fuse import fuse_cache_reads
 
@@ -496,17 +504,22 @@ class CachedModel(DropIn):
 
             adaptive = adapt_step_graphs(captured.gm, units, solved, plan.adaptive)
             options = replace(options, segments=False)
+        if order:
+            options = replace(options, segments=False)  # segments carry no history slots
         programs, count, note = build_programs(captured.gm, plan_units, solved, options, device, adapters)
         plan = plan.with_compile(count if self.options.backend is not None else 0, note)
         # the repair graph: every unit computed, every slot some kind reads written
         read_units = sorted({u for g in solved.graphs for u in g.reads}, key=list(plan.units).index)
-        repair = build_step_graph(captured.gm, plan_units, (), read_units, adapters)
+        repair = build_step_graph(captured.gm, plan_units, (), read_units, adapters, forecast=order)
         specs = {}
         by_name = units.by_name()
         nodes = {n.name: n for n in captured.gm.graph.nodes}
         for g in (*solved.graphs, repair):
             for slot in g.buffers:
                 if adaptive is not None and slot in adaptive.specs:
+                    continue
+                if slot == FORECAST_SLOT:
+                    specs[slot] = ((len(plan_units), order + 1), (order + 1, 1), torch.float32)
                     continue
                 val = nodes[by_name[slot[0]].outputs[slot[1]]].meta["val"]
                 specs[slot] = (tuple(val.shape), tuple(val.stride()), val.dtype)
@@ -572,7 +585,7 @@ class CachedModel(DropIn):
                     torch._dynamo.mark_static_address(bufs[slot])
         state.buffers[signature] = (entry.uid, bufs)
         if state.signature == signature:
-            state.valid = set()
+            state.forget()
         return bufs
 
     # ------------------------------------------------------------ the checks
@@ -662,7 +675,7 @@ class CachedModel(DropIn):
         bufs = self._cache_buffers(state, signature, entry, device)
         if state.signature != signature:
             state.signature = signature
-            state.valid = set()
+            state.forget()
         plan = entry.plan
         step = state.step
         if not plan.periodic and step >= plan.num_steps:
@@ -683,6 +696,8 @@ class CachedModel(DropIn):
                 kind = self._adaptive_kind(state, entry, signature, bufs, step)
             if not entry.kind_reads[kind] <= state.valid:
                 kind = None  # a slot it reads was not written in this generation: repair
+        if self.options.forecast:
+            self._forecast_before(state, entry, bufs, kind, step)
         with grad_ctx:
             if kind is None:
                 out = self._repair_program(entry)(flat, bufs)
@@ -694,9 +709,45 @@ class CachedModel(DropIn):
                 valid |= entry.kind_writes[kind]
             if entry.adaptive is not None:
                 self._adaptive_after(state, entry, signature, bufs, kind, step)
+        if self.options.forecast:
+            self._forecast_after(state, entry, kind, step)
         state.step = step + 1
         state.new = False
         return pytree.tree_unflatten(list(out), entry.captured.out_spec)
+
+    # ---------------------------------------------------------- forecasting
+    def _forecast_before(self, state: _State, entry: _Entry, bufs: dict, kind, step: int) -> None:
+        """Write this step's forecast coefficients (one row per plan unit) into the
+        coefficient buffer: a host-to-device copy of a few floats, never a wait (pinned
+        and non-blocking on CUDA). A generation's first step zeroes the history slots, so
+        a missing point (weight 0) adds an exact zero."""
+        order = self.options.forecast
+        if not state.computed_at:
+            for slot, buf in bufs.items():
+                if len(slot) == 3:
+                    buf.zero_()
+        graph = entry.repair_graph if kind is None else entry.solved.graphs[kind]
+        if not graph.reads or FORECAST_SLOT not in bufs:
+            return
+        rows = [forecast_weights(step, state.computed_at.get(u, []), order) for u in entry.plan.units]
+        coef = bufs[FORECAST_SLOT]
+        if coef.device.type == "cuda":
+            host = torch.tensor(rows, dtype=torch.float32).pin_memory()  # the caching host allocator keeps it
+            coef.copy_(host, non_blocking=True)  # until the copy ran
+        else:
+            coef.copy_(torch.tensor(rows, dtype=torch.float32))
+
+    def _forecast_after(self, state: _State, entry: _Entry, kind, step: int) -> None:
+        """Record which units' histories this step extended (it wrote them) and which it
+        made stale (computed without writing: their stored values are no longer the
+        latest computed ones)."""
+        order = self.options.forecast
+        graph = entry.repair_graph if kind is None else entry.solved.graphs[kind]
+        for u in entry.plan.units:
+            if u in graph.writes:
+                state.computed_at[u] = [step, *state.computed_at.get(u, [])][: order + 1]
+            elif u not in graph.reused:
+                state.computed_at.pop(u, None)
 
     # ------------------------------------------------------------- adaptive
     def _adaptive_kind(self, state: _State, entry: _Entry, signature: tuple, bufs: dict, step: int) -> int:

@@ -18,6 +18,7 @@ plain model, the arithmetic written out here.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -96,7 +97,7 @@ class NaiveReference:
     last time it was computed. ``ref(step, t)`` is the output of ``T``'s call at
     timestep ``t`` as step ``step`` of the generation."""
 
-    def __init__(self, T, mask, units=None):
+    def __init__(self, T, mask, units=None, forecast: int = 0):
         import fxcache
 
         self.T, self.mask = T, mask
@@ -105,6 +106,39 @@ class NaiveReference:
             units = fxcache.units(T.model, *args, **kwargs)
         self.units = units.by_name()
         self.cache = {}
+        self.forecast = forecast
+        self.taylor: dict = {}  # forecasting: unit -> (step, [D_0, D_1, ...] per output leaf) in float64
+
+    def _update(self, name, step, out):
+        """TaylorSeer's update, written on tensors: the new value is D_0; each higher
+        derivative is the divided difference of the one below with the previous step's."""
+        leaves = [x.double() for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        prev = self.taylor.get(name)
+        factors = []
+        for i, x in enumerate(leaves):
+            fs = [x]
+            if prev is not None:
+                s_prev, prev_fs = prev
+                for j in range(min(self.forecast, len(prev_fs[i]))):
+                    fs.append((fs[j] - prev_fs[i][j]) / (step - s_prev))
+            factors.append(fs)
+        self.taylor[name] = (step, factors)
+
+    def _predict(self, name, step, like):
+        s0, factors = self.taylor[name]
+        k = step - s0
+        it = iter(factors)
+
+        def one(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            fs = next(it)
+            acc = torch.zeros_like(fs[0])
+            for j, f in enumerate(fs):
+                acc = acc + f * (k ** j / math.factorial(j))
+            return acc.to(x.dtype)
+
+        return pytree.tree_map(one, like)
 
     def __call__(self, step, t):
         row = self.mask.table[step % len(self.mask.table)]
@@ -117,7 +151,11 @@ class NaiveReference:
             def hook(mod, inp, out, name=name, compute=compute):
                 if compute:
                     self.cache[name] = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out)
+                    if self.forecast:
+                        self._update(name, step, out)
                     return out
+                if self.forecast:
+                    return self._predict(name, step, self.cache[name])
                 return self.cache[name]
 
             handles.append(module.register_forward_hook(hook))

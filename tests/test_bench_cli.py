@@ -477,7 +477,9 @@ def test_tables_render_reproduces_the_results_and_keeps_their_discussion(tmp_pat
     import shutil
 
     results = os.path.join(ROOT, "bench", "results")
-    for n in (1, 2, 3, 4):
+    # tables 1-4 always; table 5 (and any later one) once its results are committed
+    tables = [n for n in range(1, 10) if n <= 4 or os.path.exists(os.path.join(results, f"table{n}.json"))]
+    for n in tables:
         for ext in ("json", "md"):
             shutil.copy(os.path.join(results, f"table{n}.{ext}"), tmp_path)
     edited = (tmp_path / "table2.md").read_text() + "\nA sentence added by hand.\n"
@@ -488,7 +490,7 @@ def test_tables_render_reproduces_the_results_and_keeps_their_discussion(tmp_pat
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "tables.py"), "--render", "--out", str(out)],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
-    for n in (1, 3, 4):
+    for n in [n for n in tables if n != 2]:
         with open(os.path.join(results, f"table{n}.md")) as f:
             assert (tmp_path / f"table{n}.md").read_text() == f.read()
     assert (tmp_path / "table2.md").read_text() == edited.rstrip("\n") + "\n"

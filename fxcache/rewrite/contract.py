@@ -8,7 +8,8 @@ that promise only if every graph they produce satisfies these invariants:
    whose result is not used as a value would silently vanish from a rewritten graph.
    The only mutating nodes are the rewrite's own cache writes, ``aten.copy_(buffer,
    value)`` into a cache-buffer placeholder (``node.meta["fxcache.buffer"]``) that
-   nothing else in that graph reads.
+   nothing else in that graph reads, except (forecasting) the copy that first moves its
+   old value into the next history slot (``node.meta["fxcache.history"]``).
 2. **Units nested or disjoint.** Two units of one plan either share no node or one
    contains the other (the meaning of nested reuse depends on it).
 3. **Outputs disjoint from cache buffers.** No graph output is a cache buffer or a view
@@ -157,8 +158,14 @@ def _check_mutation(graph: fx.Graph, where: str) -> None:
             f"free of mutation (liveness follows data edges and would drop it). If it comes from the model, "
             f"capture should have functionalised it or raised a CaptureError. {_REPORT}"
         )
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    def history_shift(user, buf, write) -> bool:  # forecasting: the old value moves one slot back first
+        return (user.target is torch.ops.aten.copy_.default and len(user.args) > 1 and user.args[1] is buf
+                and "fxcache.history" in getattr(user.args[0], "meta", {}) and order[user] < order[write])
+
     for buf, write in written.items():
-        readers = [u.name for u in buf.users if u is not write]
+        readers = [u.name for u in buf.users if u is not write and not history_shift(u, buf, write)]
         if readers:
             raise ContractError(
                 f"{where}: cache buffer '{buf.name}' is written by '{write.name}' and read by {readers} in the "

@@ -22,6 +22,17 @@ Liveness over data edges is sound because the captured graph is free of mutation
 (capture functionalises it); :mod:`fxcache.rewrite.contract` states the invariants and
 checks every graph built here when ``FXCACHE_CHECK=1``.
 
+Forecasting (``forecast=order`` > 0, TaylorSeer-style): a cache slot ``(unit, k)`` keeps
+the unit's values at its last ``order + 1`` computed steps, in the slot itself (the most
+recent) and history slots ``(unit, k, j)``, ``j = 1..order``. A computed unit that writes
+shifts them (``H_order <- ... <- H_1 <- H_0 <- value``: reads of the old values precede the
+writes, the one exception to "read or write, never both" that the contract allows, for
+history slots only); a read becomes ``H_0*c_0 + H_1*c_1 + ...`` with coefficients from
+the coefficient buffer :data:`FORECAST_SLOT` (one row per unit of the plan, written by the
+runtime before each step: the polynomial through the last computed steps, evaluated at
+this step; :func:`forecast_weights`). With every write needed for a later forecast, a
+computed unit writes whenever any later step reads it (not only the next read).
+
 Dead code is decided by this pass's own liveness rule, not by FX's
 ``eliminate_dead_code``: in exported graphs FX treats ``aten.dropout`` and
 ``aten.scaled_dot_product_attention`` as impure and keeps whole dead regions alive. In
@@ -44,11 +55,46 @@ from ..plan import Plan, PlanError, StepKind
 from . import contract
 from .adapters import ADAPTER_ATTR
 
-__all__ = ["StepGraph", "build_step_graph", "solve_steps", "buffer_name", "fresh_outputs"]
+__all__ = ["StepGraph", "build_step_graph", "solve_steps", "buffer_name", "fresh_outputs", "FORECAST_SLOT",
+           "forecast_weights", "history_slots"]
+
+FORECAST_SLOT = ("fxcache.forecast", 0)  # the coefficient buffer: [plan unit, order + 1], float32
 
 
-def buffer_name(unit: str, k: int) -> str:
-    return "cache__" + unit.replace(".", "_") + f"__{k}"
+def buffer_name(unit: str, k: int, j: int = 0) -> str:
+    if unit == FORECAST_SLOT[0]:
+        return "forecast_coefficients"
+    return "cache__" + unit.replace(".", "_") + f"__{k}" + (f"__h{j}" if j else "")
+
+
+def history_slots(slot: tuple, order: int) -> tuple:
+    """``slot`` and its history slots, most recent first."""
+    return (slot, *((slot[0], slot[1], j) for j in range(1, order + 1)))
+
+
+def forecast_weights(step: int, computed_at: list, order: int) -> list:
+    """Weights of the history values (most recent first) whose sum is TaylorSeer's
+    forecast at ``step`` from the values at the steps ``computed_at`` (most recent first;
+    the first ``order + 1`` are used): the Taylor expansion around the last computed step
+    ``s0``, ``sum_j D_j (step - s0)**j / j!``, whose derivatives are divided differences
+    taken recursively over consecutive computed steps (``D_{j+1}(s_i) = (D_j(s_i) -
+    D_j(s_{i+1})) / (s_i - s_{i+1})``), as TaylorSeer and diffusers' ``TaylorSeerCache``
+    update them. Order 1 is the line through the last two values. Fewer points than
+    ``order + 1`` give the expansion of lower order (one point: reuse); the weights of
+    missing points are 0. Float64."""
+    pts = list(computed_at[: order + 1])
+    n = len(pts)
+    # factor[i] = the weights of D_j at point i, for the current j
+    factor = [[1.0 if c == i else 0.0 for c in range(order + 1)] for i in range(n)]
+    out = [0.0] * (order + 1)
+    k = step - pts[0] if pts else 0
+    term = 1.0  # k**j / j!
+    for j in range(n):
+        out = [o + term * f for o, f in zip(out, factor[0])]
+        factor = [[(a - b) / (pts[i] - pts[i + 1]) for a, b in zip(factor[i], factor[i + 1])]
+                  for i in range(len(factor) - 1)]
+        term *= k / (j + 1)
+    return out
 
 
 @dataclass
@@ -138,7 +184,7 @@ def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, w
 
 def build_step_graph(
     gm: fx.GraphModule, units: list[Unit], reused: Iterable[str], writes: Iterable[str], adapters=None,
-    probes: Iterable[str] | None = None,
+    probes: Iterable[str] | None = None, forecast: int = 0,
 ) -> StepGraph:
     """A copy of ``gm`` for one kind of step (a pass: graph in, graph out).
 
@@ -156,7 +202,10 @@ def build_step_graph(
     computed on this step's values (the teacher: the uncached unit on the cached model's
     own inputs). When ``probes`` is given (even empty), the rest of the graph sees every
     adapted read through ``aten.detach``: gradients reach an adapter only through the
-    returned reads. Without ``probes`` the graph is the inference graph."""
+    returned reads. Without ``probes`` the graph is the inference graph.
+
+    ``forecast``: the order of the forecast at cache reads (0: reuse the stored value;
+    see the module docstring); row ``i`` of the coefficient buffer is ``units[i]``."""
     reused = frozenset(reused)
     by_unit = {u.name: u for u in units}
     writes = tuple(w for w in (u.name for u in units) if w in set(writes))
@@ -164,6 +213,8 @@ def build_step_graph(
         if w in reused:
             raise PlanError(f"unit '{w}' cannot be both reused and written at one step")
     training = probes is not None
+    if forecast and training:
+        raise PlanError("scale-shift training runs on reused cache values; train without forecast")
     probes = tuple(p for p in (u.name for u in units) if p in set(probes or ()))
     for p in probes:
         if p not in reused:
@@ -176,6 +227,10 @@ def build_step_graph(
     read_order = sorted(reads, key=lambda r: (by_unit[r[0]].order, r[1]))
     write_slots = [(w, k) for w in writes for k in range(len(by_unit[w].outputs))]
     buffers = tuple(read_order) + tuple(s for s in write_slots if s not in reads)
+    if forecast:
+        buffers = tuple(h for slot in buffers for h in history_slots(slot, forecast))
+        if read_order:
+            buffers += (FORECAST_SLOT,)
 
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
@@ -187,11 +242,38 @@ def build_step_graph(
     buf_nodes: dict[tuple, fx.Node] = {}
     for slot in buffers:
         node = graph.placeholder(buffer_name(*slot))
+        if slot == FORECAST_SLOT:
+            node.meta["val"] = torch.empty((len(units), forecast + 1), dtype=torch.float32, device="meta")
+            node.meta["fxcache.forecast"] = True
+            buf_nodes[slot] = node
+            continue
         unit = by_unit[slot[0]]
         src = next(n for n in gm.graph.nodes if n.name == unit.outputs[slot[1]])
         node.meta["val"] = src.meta.get("val")
         node.meta["fxcache.buffer"] = slot
+        if len(slot) == 3:
+            node.meta["fxcache.history"] = slot[2]
         buf_nodes[slot] = node
+
+    row_of = {u.name: i for i, u in enumerate(units)}
+    forecasts: dict[tuple, fx.Node] = {}
+
+    def base(slot: tuple) -> fx.Node:
+        """The stored value of a slot, or its forecast at this step."""
+        if not forecast:
+            return buf_nodes[slot]
+        if slot not in forecasts:
+            coef = graph.call_function(torch.ops.aten.select.int, (buf_nodes[FORECAST_SLOT], 0, row_of[slot[0]]))
+            acc = None
+            for j, h in enumerate(history_slots(slot, forecast)):
+                c = graph.call_function(torch.ops.aten.select.int, (coef, 0, j))
+                term = graph.call_function(torch.ops.aten.mul.Tensor, (buf_nodes[h], c))
+                term.meta["val"] = buf_nodes[slot].meta["val"]
+                acc = term if acc is None else graph.call_function(torch.ops.aten.add.Tensor, (acc, term))
+                acc.meta["val"] = buf_nodes[slot].meta["val"]
+            acc.meta["fxcache.forecast"] = slot
+            forecasts[slot] = acc
+        return forecasts[slot]
 
     adapted: dict[tuple, fx.Node] = {}
 
@@ -204,7 +286,7 @@ def build_step_graph(
                 )
             key = adapter.key(*slot)
             prefix = f"{ADAPTER_ATTR}.linears.{key}"
-            buf = buf_nodes[slot]
+            buf = base(slot)
             weight = graph.get_attr(f"{prefix}.weight")
             bias = graph.get_attr(f"{prefix}.bias")
             t = graph.call_function(torch.ops.aten.to.dtype, (env[temb], adapter.linears[key].weight.dtype))
@@ -225,7 +307,7 @@ def build_step_graph(
 
     def read(slot: tuple) -> fx.Node:
         """The value a user outside the unit sees: the buffer, or its adapted value."""
-        return adapt(slot) if adapter is not None and adapter.has(*slot) else buf_nodes[slot]
+        return adapt(slot) if adapter is not None and adapter.has(*slot) else base(slot)
 
     def load(arg: fx.Node, user: str):
         r = resolver.resolve(arg.name, lambda v: user in v.region)
@@ -258,7 +340,10 @@ def build_step_graph(
     outputs = fresh_outputs(graph, outputs)
     for slot in write_slots:
         src = write_src[slot]
-        value = buf_nodes[src] if isinstance(src, tuple) else env[src]
+        value = base(src) if isinstance(src, tuple) else env[src]
+        chain = history_slots(slot, forecast)
+        for newer, older in zip(reversed(chain[:-1]), reversed(chain[1:])):  # the history shifts, oldest first
+            graph.call_function(torch.ops.aten.copy_.default, (buf_nodes[older], buf_nodes[newer]))
         graph.call_function(torch.ops.aten.copy_.default, (buf_nodes[slot], value))
     graph.output(outputs)
     graph.lint()
@@ -322,7 +407,8 @@ class SolvedSteps:
     step_kinds: list[StepKind] = field(default_factory=list)
 
 
-def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None, probes=None) -> SolvedSteps:
+def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None, probes=None,
+                forecast: int = 0) -> SolvedSteps:
     """Liveness across steps, then one graph per distinct step.
 
     Backwards from the last step: a computed unit writes its cache only if the value
@@ -332,6 +418,9 @@ def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None
 
     ``probes``: ``{step: units}`` for scale-shift training (see :func:`build_step_graph`);
     what a probe reads counts as read, so earlier steps write it.
+
+    ``forecast`` > 0: a forecast reads the values of several computed steps, so a
+    computed unit writes whenever any later step reads it.
     """
     by_unit = {u.name: u for u in units}
     plan_units = [by_unit[n] for n in plan.units]
@@ -347,11 +436,11 @@ def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None
         probed = None if probes is None else frozenset(probes.get(t % n_steps, ()))
         key = (reused, writes, probed)
         if key not in cache:
-            cache[key] = build_step_graph(gm, plan_units, reused, writes, adapters, probed)
+            cache[key] = build_step_graph(gm, plan_units, reused, writes, adapters, probed, forecast)
         sg = cache[key]
         per_step[t] = key
         read_units = set(sg.reads)
-        need = {n: (n in read_units) or (n in reused and need[n]) for n in plan.units}
+        need = {n: (n in read_units) or ((n in reused or forecast > 0) and need[n]) for n in plan.units}
 
     # forward check: no live read of a slot that no earlier step wrote
     written: set = set()
