@@ -184,3 +184,22 @@ def test_inductor_forecast_matches_eager():
     for step in range(6):
         t = T.timesteps[step % len(T.timesteps)]
         torch.testing.assert_close(T.output(T.call(ind, t)), T.output(T.call(eager, t)), rtol=1e-4, atol=1e-4)
+
+
+def test_fora_reads_fuse_forecast_gate_and_residual_into_one_op():
+    from fxcache.kernels import forecast, forecast_gated_residual
+
+    T = tiny("dit")
+    sched = fxcache.FORA(interval=2)
+    fused = fxcache.compile(T.model, sched, forecast=2, timestep_rule="off", **EAGER)
+    plain = fxcache.compile(T.model, sched, forecast=2, fuse=False, timestep_rule="off", **EAGER)
+    for step in range(6):
+        t = T.timesteps[step % len(T.timesteps)]
+        assert torch.equal(T.output(T.call(fused, t)), T.output(T.call(plain, t)))  # fp32: the same arithmetic
+    reuse = fused.entries[-1].solved.graphs[fused.plan.kind_of_step(1)]
+    targets = [n.target for n in reuse.gm.graph.nodes if n.op == "call_function"]
+    assert reuse.fused > 0 and targets.count(forecast_gated_residual) == reuse.fused
+    # every forecast read is either fused or stands alone (a read no gate follows)
+    plain_reuse = plain.entries[-1].solved.graphs[plain.plan.kind_of_step(1)]
+    alone = [n for n in plain_reuse.gm.graph.nodes if n.target is forecast]
+    assert len(alone) == targets.count(forecast) + targets.count(forecast_gated_residual)

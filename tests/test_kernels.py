@@ -623,3 +623,98 @@ def test_kernels_compile_for_sm90(gpu_build):
     """The kernel, in both modes and both layout variants, compiles to a cubin for sm_90
     (the interpreter accepts programs the compiler would not)."""
     _expect(gpu_build, "compile_sm90")
+
+
+# --------------------------------------------------------------------------- forecast
+# The forecasting cache read (fxcache.kernels.forecast): sum_j coef[j] * h_j over 2 or 3
+# history tensors, alone (any layout, e.g. a U-Net's NCHW skip feature) or fused with
+# FORA's gated residual ((B, N, C) tokens, gate per sample and channel).
+FORECAST_SHAPES = [
+    pytest.param((2, 5, 7, 3), id="nchw-2x5x7x3"),
+    pytest.param((2, 3, 20, 21), id="nchw-2x3x20x21"),
+    pytest.param((3, 17, 33), id="bnc-3x17x33"),
+    pytest.param((1, 1, 5), id="bnc-1x1x5"),
+    pytest.param((2, 3, 1100), id="bnc-2x3x1100"),
+    pytest.param((3, 7), id="odd-3x7"),
+]
+TOKEN_SHAPES = [pytest.param((3, 17, 33), id="3x17x33"), pytest.param((1, 1, 5), id="1x1x5"),
+                pytest.param((2, 3, 1100), id="2x3x1100")]
+
+
+def _history(shape, n, dtype, gen, device):
+    hist = [torch.randn(shape, generator=gen).to(dtype).to(device) for _ in range(n)]
+    coef = torch.randn(n, generator=gen).to(device)
+    return coef, hist + [None] * (3 - n)
+
+
+@pytest.mark.parametrize("n", [2, 3], ids=["order1", "order2"])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("shape", FORECAST_SHAPES)
+def test_forecast_kernel_matches_reference(dev, shape, dtype, atol, rtol, n):
+    coef, (h0, h1, h2) = _history(shape, n, dtype, _gen(), dev)
+    want = K.forecast_reference(coef.cpu(), h0.cpu(), h1.cpu(), None if h2 is None else h2.cpu())
+    _assert_close(K.forecast_triton(coef, h0, h1, h2), want, atol * 4, rtol * 4)  # |coef| sums up to ~3
+
+
+@pytest.mark.parametrize("n", [2, 3], ids=["order1", "order2"])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("mode", BCAST)
+@pytest.mark.parametrize("shape", TOKEN_SHAPES)
+def test_forecast_gated_residual_kernel_matches_reference(dev, shape, mode, dtype, atol, rtol, n):
+    g = _gen(1)
+    coef, (h0, h1, h2) = _history(shape, n, dtype, g, dev)
+    x = torch.randn(shape, generator=g).to(dtype).to(dev)
+    gate = _param(mode, shape[0], shape[-1], dtype, g).to(dev)
+    cpu = [None if t is None else t.cpu() for t in (x, gate, coef, h0, h1, h2)]
+    want = K.forecast_gated_residual_reference(*cpu, -1)
+    _assert_close(K.forecast_gated_residual_triton(x, gate, coef, h0, h1, h2, -1), want, atol * 4, rtol * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_forecast_gives_the_worked_example(dev, dtype):
+    """Values worked out by hand, exact in every dtype: TaylorSeer order 2 on evenly spaced
+    steps (weights 13/8, -6/8, 1/8) of h = 1, 2, 4 gives 13/8 - 12/8 + 4/8 = 5/8; gated with
+    x = 1 and gate = 2: 1 + 2 * 5/8 = 9/4. Order 1 (weights 3/2, -1/2): 3/2 - 1 = 1/2."""
+    full = lambda v: torch.full((1, 2, 4), v, dtype=dtype, device=dev)  # noqa: E731
+    h0, h1, h2, x = full(1.0), full(2.0), full(4.0), full(1.0)
+    gate = torch.full((1, 4), 2.0, dtype=dtype, device=dev)
+    c2 = torch.tensor([13 / 8, -6 / 8, 1 / 8], device=dev)
+    c1 = torch.tensor([1.5, -0.5], device=dev)
+    for fn in (K.forecast_triton, K.forecast_reference, K.forecast):
+        assert torch.equal(fn(c2, h0, h1, h2).cpu(), full(5 / 8).cpu()), fn.__name__
+        assert torch.equal(fn(c1, h0, h1, None).cpu(), full(0.5).cpu()), fn.__name__
+    for fn in (K.forecast_gated_residual_triton, K.forecast_gated_residual_reference, K.forecast_gated_residual):
+        assert torch.equal(fn(x, gate, c2, h0, h1, h2, -1).cpu(), full(9 / 4).cpu()), fn.__name__
+
+
+def test_forecast_reads_channels_last_history(dev):
+    g = _gen(2)
+    hist = [torch.randn(2, 5, 6, 7, generator=g).to(memory_format=torch.channels_last).to(dev) for _ in range(3)]
+    coef = torch.tensor([1.625, -0.75, 0.125], device=dev)
+    got = K.forecast_triton(coef, *hist)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    _assert_close(got, K.forecast_reference(coef.cpu(), *[h.cpu() for h in hist]), 1e-6, 1e-6)
+
+
+FORECAST_ERRORS = [
+    pytest.param(dict(coef=torch.ones(3)), "`coef` is (3,); expected a vector of 2 weights", id="coef-length"),
+    pytest.param(dict(coef=torch.ones(2, dtype=torch.float64)), "`coef` has dtype torch.float64", id="coef-dtype"),
+    pytest.param(dict(h1=torch.ones(2, 3, 5)), "`h1` is (2, 3, 5) torch.float32; expected (2, 3, 4)", id="h1-shape"),
+    pytest.param(dict(h1=torch.ones(2, 3, 4, dtype=torch.float16)), "`h1` is (2, 3, 4) torch.float16", id="h1-dtype"),
+]
+
+
+@pytest.mark.parametrize("fn", _impls("forecast"))
+@pytest.mark.parametrize("bad,message", FORECAST_ERRORS)
+def test_forecast_bad_arguments(fn, bad, message):
+    args = dict(coef=torch.ones(2), h0=torch.ones(2, 3, 4), h1=torch.ones(2, 3, 4))
+    args.update(bad)
+    with pytest.raises(KernelArgumentError, match=re.escape(message)):
+        fn(args["coef"], args["h0"], args["h1"], None)
+
+
+@pytest.mark.parametrize("fn", _impls("forecast_gated_residual"))
+def test_forecast_gated_residual_bad_gate(fn):
+    h = torch.ones(2, 3, 4)
+    with pytest.raises(KernelArgumentError, match=re.escape("`gate` has shape (3, 4); expected (2, 4), (1, 4) or (4,)")):
+        fn(h, torch.ones(3, 4), torch.ones(2), h, h, None, -1)

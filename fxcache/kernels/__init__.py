@@ -6,7 +6,14 @@ call to a function of this package:
 =====================================================  ==================================
 ``scale_shift(cache, scale, shift, channel_dim)``      ``cache * (1 + scale) + shift``
 ``gated_residual(x, gate, cache, channel_dim)``        ``x + gate * cache``
+``forecast(coef, h0, h1, h2)``                         ``sum_j coef[j] * h_j``
+``forecast_gated_residual(x, gate, coef, h0, h1, h2,``  ``x + gate * sum_j coef[j] * h_j``
+``channel_dim)``
 =====================================================  ==================================
+
+The last two are forecasting cache reads (``fxcache.compile(..., forecast=1|2)``), their
+own kernel in :mod:`fxcache.kernels.forecast` (ops ``torch.ops.fxcache.forecast`` and
+``torch.ops.fxcache.forecast_gated_residual``), dispatched by the same policy.
 
 ``channel_dim`` is ``1`` for ``(B, C, *spatial)`` features (NCHW) and ``-1`` for
 ``(B, *tokens, C)`` features (``(B, N, C)``); the per-(sample, channel) operands are
@@ -57,6 +64,7 @@ if __name__ != "fxcache.kernels":  # pragma: no cover - a packaging/sys.path mis
 import torch
 
 from . import affine as _affine
+from . import forecast as _forecast
 from ._common import HAS_TRITON, KERNEL_DTYPES, KernelArgumentError, is_interpreted
 
 __all__ = [
@@ -68,14 +76,23 @@ __all__ = [
     "gated_residual",
     "gated_residual_reference",
     "gated_residual_triton",
+    "forecast",
+    "forecast_reference",
+    "forecast_triton",
+    "forecast_gated_residual",
+    "forecast_gated_residual_reference",
+    "forecast_gated_residual_triton",
 ]
 
 scale_shift_reference = _affine.scale_shift_reference
 gated_residual_reference = _affine.gated_residual_reference
+forecast_reference = _forecast.forecast_reference
+forecast_gated_residual_reference = _forecast.forecast_gated_residual_reference
 
 # The kernel is usable with Triton and built for the GPU (under TRITON_INTERPRET=1
 # dynamo cannot trace it). A plain bool, so dynamo folds it.
 _KERNEL_USABLE = HAS_TRITON and not is_interpreted(_affine._affine_kernel)
+_FORECAST_USABLE = HAS_TRITON and not is_interpreted(_forecast._forecast_kernel)
 
 
 def _use_kernel(*tensors: torch.Tensor) -> bool:
@@ -142,3 +159,41 @@ def gated_residual(
     if _use_kernel(x, gate, cache):
         return torch.ops.fxcache.gated_residual(x, gate, cache, channel_dim)
     return _affine.gated_residual_reference(x, gate, cache, channel_dim)
+
+
+def forecast_triton(coef: torch.Tensor, h0: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the op ``fxcache::forecast`` (the forecast Triton kernel; CUDA, or CPU under
+    TRITON_INTERPRET=1). Raises RuntimeError when Triton is not available."""
+    return _forecast.forecast_launch(coef, h0, h1, h2)
+
+
+def forecast_gated_residual_triton(x, gate, coef, h0, h1, h2, channel_dim: int) -> torch.Tensor:
+    """Run the op ``fxcache::forecast_gated_residual`` (CUDA, or CPU under
+    TRITON_INTERPRET=1). Raises RuntimeError when Triton is not available."""
+    return _forecast.forecast_gated_residual_launch(x, gate, coef, h0, h1, h2, channel_dim)
+
+
+def _use_forecast_kernel(*tensors: torch.Tensor) -> bool:
+    return (
+        _FORECAST_USABLE
+        and not torch.compiler.is_compiling()
+        and tensors[0].device.type == "cuda"
+        and all(t.dtype in KERNEL_DTYPES for t in tensors)
+    )
+
+
+def forecast(coef: torch.Tensor, h0: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor | None = None) -> torch.Tensor:
+    """A forecasting cache read, ``sum_j coef[j] * h_j`` (``coef`` a float32 vector on the
+    history's device). The Triton op in eager mode on CUDA; the reference arithmetic
+    under torch.compile and elsewhere (module docstring)."""
+    if _use_forecast_kernel(h0):
+        return torch.ops.fxcache.forecast(coef, h0, h1, h2)
+    return _forecast.forecast_reference(coef, h0, h1, h2)
+
+
+def forecast_gated_residual(x, gate, coef, h0, h1, h2, channel_dim: int) -> torch.Tensor:
+    """``x + gate * sum_j coef[j] * h_j``, gate per (sample, channel): a forecasting cache
+    read fused with FORA's gated residual. Dispatch as :func:`forecast`."""
+    if _use_forecast_kernel(x, gate, h0):
+        return torch.ops.fxcache.forecast_gated_residual(x, gate, coef, h0, h1, h2, channel_dim)
+    return _forecast.forecast_gated_residual_reference(x, gate, coef, h0, h1, h2, channel_dim)

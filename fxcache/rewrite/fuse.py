@@ -14,7 +14,10 @@ orders of ``aten.add.Tensor(x, aten.mul.Tensor(gate, cache))`` (both ops commute
 must have no other user, ``add`` no ``alpha``). A structural match is fused only where
 the guard :func:`_refusal` proves it from ``node.meta["val"]``:
 
-* ``cache`` is a cache-buffer placeholder holding a ``(B, N, C)`` tensor;
+* ``cache`` is a cache-buffer placeholder holding a ``(B, N, C)`` tensor, or a
+  forecasting read of one (``forecast=1|2``: :func:`fxcache.kernels.forecast`), which
+  is then folded in too: one ``forecast_gated_residual`` (forecast, gate and residual
+  add in one op);
 * ``x`` is a tensor of the same shape and dtype, and ``gate * cache`` is no larger
   (the gate does not broadcast the value);
 * the gate has the dtype of the cache and, broadcast against ``(B, N, C)``, is
@@ -162,11 +165,37 @@ def _gate_rows(gate_val: torch.Tensor, value_shape: tuple):
     return aligned[0]
 
 
+def _is_forecast(node) -> bool:
+    """A forecasting cache read (``forecast=1|2``), as the step-graph rewrite inserts it."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and "fxcache.forecast" in node.meta
+
+
+def _merge_forecasts(graph: fx.Graph) -> None:
+    """``gated_residual(x, gate, forecast(coef, h0, h1, h2))`` -> one
+    ``forecast_gated_residual(x, gate, coef, h0, h1, h2)`` where the forecast has no other
+    user: the forecast, the gate and the residual add in one op."""
+    from ..kernels import forecast_gated_residual, gated_residual
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not gated_residual:
+            continue
+        x, gate, cache, channel_dim = node.args
+        if not _is_forecast(cache) or len(cache.users) != 1:
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(forecast_gated_residual, (x, gate, *cache.args, channel_dim))
+        fused.meta.update(node.meta)
+        fused.meta["fxcache.fused"] = "forecast_gated_residual"
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        graph.erase_node(cache)
+
+
 def _refusal(match) -> str | None:
     """Why the shapes do not prove this match a per-(sample, channel) gated residual at a
     cache read; None when they do."""
     x, gate, cache, mul, _ = _parts(match)
-    if not contract.is_cache_buffer(cache):
+    if not (contract.is_cache_buffer(cache) or _is_forecast(cache)):
         return "not a cache read"
     cval = _val(cache)
     if not isinstance(cval, torch.Tensor) or cval.ndim != 3:
@@ -200,7 +229,8 @@ def fuse_cache_reads(gm: fx.GraphModule) -> FusionResult:
 
     def guard(match, original_graph, pattern_graph) -> bool:
         reason = _refusal(match)
-        if reason is not None and contract.is_cache_buffer(match.placeholder_nodes[2]):
+        cache = match.placeholder_nodes[2]
+        if reason is not None and (contract.is_cache_buffer(cache) or _is_forecast(cache)):
             add, cache = match.returning_nodes[0], match.placeholder_nodes[2]
             refused.setdefault(add.name, RefusedSite(add.name, cache.name, reason))
         return reason is None
@@ -228,6 +258,7 @@ def fuse_cache_reads(gm: fx.GraphModule) -> FusionResult:
             inputs = {pn.name: gn for pn, gn in r.nodes_map.items() if pn.op == "placeholder"}
             sites.append(FusedSite("gated_residual", new.name, inputs["cache"].name, _shape(inputs["gate"])))
             refused.pop(r.anchor.name, None)
+    _merge_forecasts(graph)
     graph.lint()
     gm.recompile()
     contract.maybe_check(gm, where="fusion")

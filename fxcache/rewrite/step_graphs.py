@@ -27,7 +27,8 @@ the unit's values at its last ``order + 1`` computed steps, in the slot itself (
 recent) and history slots ``(unit, k, j)``, ``j = 1..order``. A computed unit that writes
 shifts them (``H_order <- ... <- H_1 <- H_0 <- value``: reads of the old values precede the
 writes, the one exception to "read or write, never both" that the contract allows, for
-history slots only); a read becomes ``H_0*c_0 + H_1*c_1 + ...`` with coefficients from
+history slots only); a read becomes ``H_0*c_0 + H_1*c_1 + ...`` (one op, :func:`fxcache.kernels.forecast`;
+fused with a gated residual by :mod:`.fuse`) with coefficients from
 the coefficient buffer :data:`FORECAST_SLOT` (one row per unit of the plan, written by the
 runtime before each step: the polynomial through the last computed steps, evaluated at
 this step; :func:`forecast_weights`). With every write needed for a later forecast, a
@@ -49,6 +50,7 @@ import torch.fx as fx
 
 from ..analyze.costs import graph_cost
 from ..errors import UnsupportedModelError
+from ..kernels import forecast as forecast_op
 from ..kernels import scale_shift as scale_shift_op
 from ..analyze.units import Unit
 from ..plan import Plan, PlanError, StepKind
@@ -264,15 +266,12 @@ def build_step_graph(
             return buf_nodes[slot]
         if slot not in forecasts:
             coef = graph.call_function(torch.ops.aten.select.int, (buf_nodes[FORECAST_SLOT], 0, row_of[slot[0]]))
-            acc = None
-            for j, h in enumerate(history_slots(slot, forecast)):
-                c = graph.call_function(torch.ops.aten.select.int, (coef, 0, j))
-                term = graph.call_function(torch.ops.aten.mul.Tensor, (buf_nodes[h], c))
-                term.meta["val"] = buf_nodes[slot].meta["val"]
-                acc = term if acc is None else graph.call_function(torch.ops.aten.add.Tensor, (acc, term))
-                acc.meta["val"] = buf_nodes[slot].meta["val"]
-            acc.meta["fxcache.forecast"] = slot
-            forecasts[slot] = acc
+            coef.meta["val"] = buf_nodes[FORECAST_SLOT].meta["val"][0]
+            hist = [buf_nodes[h] for h in history_slots(slot, forecast)]
+            node = graph.call_function(forecast_op, (coef, *hist, *([None] * (3 - len(hist)))))
+            node.meta["val"] = buf_nodes[slot].meta["val"]
+            node.meta["fxcache.forecast"] = slot
+            forecasts[slot] = node
         return forecasts[slot]
 
     adapted: dict[tuple, fx.Node] = {}
