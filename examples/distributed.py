@@ -131,6 +131,18 @@ def data_mode(args, rank: int, world: int, device: torch.device) -> dict:
                                  class_labels=labels(n, i)).cpu()
     seconds = time.perf_counter() - start
     parts = gather(rank, world, (out, seconds, cache_bytes))
+    one_process = None
+    if args.baseline and world > 1:
+        # the speed-up over one process, in this run: rank 0 generates every batch alone,
+        # with the same thread count, while the other ranks wait (no other work running)
+        if rank == 0:
+            start = time.perf_counter()
+            for i in batches:
+                n = min(args.batch, args.samples - i * args.batch)
+                models.generate(cached, num_steps=args.steps, num_samples=n, seed=args.seed + i,
+                                class_labels=labels(n, i))
+            one_process = time.perf_counter() - start
+        dist.barrier()
     if rank != 0:
         return {}
     merged = {i: x for part, _, _ in parts for i, x in part.items()}
@@ -141,6 +153,8 @@ def data_mode(args, rank: int, world: int, device: torch.device) -> dict:
         "mode": "data", "world": world, "model": args.model, "samples": samples.shape[0],
         "per_rank_seconds": [s for _, s, _ in parts], "wall_seconds": max(s for _, s, _ in parts),
         "per_rank_cache_bytes": [b for _, _, b in parts], "schedule": repr(schedule),
+        "one_process_seconds": one_process,
+        "speedup_over_one_process": None if one_process is None else one_process / max(s for _, s, _ in parts),
     }
 
 
@@ -279,6 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default=None, help="torch.compile backend for the step graphs (default: eager)")
     p.add_argument("--out", help="data mode: save the gathered samples (rank 0)")
     p.add_argument("--json", help="write the figures as JSON (rank 0)")
+    p.add_argument("--baseline", action="store_true",
+                   help="data mode: also time one process generating every batch (rank 0), for the speed-up")
     p.add_argument("--fail-rank", type=int, default=-1, help=argparse.SUPPRESS)  # launch-failure test
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -121,6 +121,7 @@ class Plan:
         self.compiled_graphs: int | None = None
         self.compile_note: str = ""
         self.forecast: int = 0  # the order of the forecast at cache reads (with_forecast)
+        self.state_bytes: int = 0  # an adaptive schedule's state buffers (with_state_bytes)
         self.notes: tuple[str, ...] = tuple(notes)  # extra lines for explain(), e.g. DeepCache's branch costs
         # an adaptive schedule's AdaptivePolicy (fxcache.schedules.adaptive): the table is then
         # [full row, reuse row], and the runtime picks one of the two per step from a decision
@@ -226,6 +227,11 @@ class Plan:
         values)."""
         return self._replace(forecast=int(order))
 
+    def with_state_bytes(self, nbytes: int) -> "Plan":
+        """This plan with the bytes of an adaptive schedule's state buffers (the probe's
+        reference value, the decision, the running sum), counted in :attr:`cache_bytes`."""
+        return self._replace(state_bytes=int(nbytes))
+
     @property
     def bound(self) -> bool:
         return self._kinds is not None
@@ -270,16 +276,17 @@ class Plan:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the static cache buffers of one cache state (one input shape); with
-        forecasting, every slot's history and the coefficient buffer included."""
+        """Bytes of the static buffers of one cache state (one input shape): the cache
+        slots; with forecasting, every slot's history and the coefficient buffer; for an
+        adaptive schedule, its state buffers."""
         if self._kinds is not None:
             slots = {r for k in self._kinds for r in (*k.reads, *k.writes)}
         else:
             slots = {n for s in range(self.num_steps) for n in self.reused_at(s)}
         values = sum(self._by_name[n].cache_bytes for n in slots if n in self._by_name)
-        if not self.forecast:
-            return values
-        return values * (self.forecast + 1) + len(self.units) * (self.forecast + 1) * 4
+        if self.forecast:
+            values = values * (self.forecast + 1) + len(self.units) * (self.forecast + 1) * 4
+        return values + self.state_bytes
 
     # ------------------------------------------------------------------ output
     def explain(self) -> str:

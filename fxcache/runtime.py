@@ -508,6 +508,9 @@ class CachedModel(DropIn):
             options = replace(options, segments=False)  # segments carry no history slots
         programs, count, note = build_programs(captured.gm, plan_units, solved, options, device, adapters)
         plan = plan.with_compile(count if self.options.backend is not None else 0, note)
+        if adaptive is not None:  # the state buffers are part of what one cache state holds
+            plan = plan.with_state_bytes(sum(torch.Size(shape).numel() * dtype.itemsize
+                                             for shape, _, dtype in adaptive.specs.values()))
         # the repair graph: every unit computed, every slot some kind reads written
         read_units = sorted({u for g in solved.graphs for u in g.reads}, key=list(plan.units).index)
         repair = build_step_graph(captured.gm, plan_units, (), read_units, adapters, forecast=order)

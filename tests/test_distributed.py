@@ -57,16 +57,17 @@ def one_thread():
 def test_data_parallel_equals_the_single_process_run(tmp_path, one_thread):
     out = tmp_path / "samples.pt"
     common = ["--mode", "data", "--samples", "4", "--batch", "1", "--steps", "4"]
-    run = _torchrun(*common, "--out", str(out), "--json", str(tmp_path / "r.json"))
+    run = _torchrun(*common, "--out", str(out), "--json", str(tmp_path / "r.json"), "--baseline")
     assert run.returncode == 0, _why(run)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["world"] == 2 and len(report["per_rank_seconds"]) == 2
+    assert report["one_process_seconds"] > 0 and report["speedup_over_one_process"] > 0
     gathered = torch.load(out)
 
     example = _example()
     single = tmp_path / "single.pt"
     example.data_mode(SimpleNamespace(model="unet", samples=4, batch=1, steps=4, interval=2, seed=0, backend=None,
-                                      out=str(single), fail_rank=-1), 0, 1, torch.device("cpu"))
+                                      out=str(single), fail_rank=-1, baseline=False), 0, 1, torch.device("cpu"))
     reference = torch.load(single)
     assert gathered.shape == reference.shape == (4, 1, 16, 16)
     assert torch.equal(gathered, reference)

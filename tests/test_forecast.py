@@ -203,3 +203,12 @@ def test_fora_reads_fuse_forecast_gate_and_residual_into_one_op():
     plain_reuse = plain.entries[-1].solved.graphs[plain.plan.kind_of_step(1)]
     alone = [n for n in plain_reuse.gm.graph.nodes if n.target is forecast]
     assert len(alone) == targets.count(forecast) + targets.count(forecast_gated_residual)
+
+
+@pytest.mark.parametrize("order", [0, 2])
+def test_adaptive_cache_bytes_count_the_state_buffers(order):
+    T = tiny("dit")
+    cm = fxcache.compile(T.model, fxcache.FirstBlockCache(0.15), forecast=order, timestep_rule="off", **EAGER)
+    T.call(cm, T.timesteps[0])
+    held = sum(b.numel() * b.element_size() for bufs in cm.cache_tensors().values() for b in bufs.values())
+    assert cm.plan.state_bytes > 0 and cm.plan.cache_bytes == held
