@@ -58,14 +58,14 @@ def test_weights_are_exact_on_lines_and_sum_to_one(order):
 
 
 # ------------------------------------------------------------- against the oracle
-def _check_against_reference(T, sched, order, units=None, steps=None):
+def _check_against_reference(T, sched, order, units=None, steps=None, tol=2e-5):
     # timesteps cycle in long runs: "off" keeps one generation (the reference has one)
     cm = fxcache.compile(T.model, sched, forecast=order, timestep_rule="off", **EAGER)
     ref = NaiveReference(T, sched, units, forecast=order)
     for step in range(steps or len(sched.table)):
         t = T.timesteps[step % len(T.timesteps)]
         out = T.output(T.call(cm, t))
-        torch.testing.assert_close(out, ref(step, t), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(out, ref(step, t), rtol=tol, atol=tol)
     return cm
 
 
@@ -88,10 +88,25 @@ def test_random_plans_forecast_as_taylorseer(family, order):
 def test_fora_forecast_over_a_long_run(order):
     """Every read after the history fills: interval 3 over 10 steps (reads at distances 1 and 2)."""
     T = tiny("dit")
+    _check_against_reference(T, _as_mask(T, fxcache.FORA(interval=3), 10), order)
+
+
+def _as_mask(T, sched, steps):
     args, kwargs = T.inputs(T.timesteps[0])
-    plan = fxcache.plan_for(T.model, fxcache.FORA(interval=3), *args, **kwargs)
-    mask = fxcache.Mask([list(plan.table[s % 3]) for s in range(10)], list(plan.units))
-    _check_against_reference(T, mask, order)
+    plan = fxcache.plan_for(T.model, sched, *args, **kwargs)
+    return fxcache.Mask([list(plan.table[s % len(plan.table)]) for s in range(steps)], list(plan.units))
+
+
+@pytest.mark.parametrize("family,sched", [
+    ("unet2d", fxcache.DeepCache(interval=3, branch=1)),
+    ("sd", fxcache.DeepCache(interval=2, branch=1)),
+    ("pixart", fxcache.FORA(interval=3)),
+    ("sd3", fxcache.FORA(interval=2)),
+    ("flux", fxcache.FORA(interval=3)),
+], ids=["unet2d-deepcache", "sd-deepcache", "pixart-fora", "sd3-fora", "flux-fora"])
+def test_every_family_forecasts_as_taylorseer(family, sched):
+    T = tiny(family)
+    _check_against_reference(T, _as_mask(T, sched, 7), 2)
 
 
 def test_forecast_zero_is_reuse_and_one_point_is_reuse():
@@ -212,3 +227,13 @@ def test_adaptive_cache_bytes_count_the_state_buffers(order):
     T.call(cm, T.timesteps[0])
     held = sum(b.numel() * b.element_size() for bufs in cm.cache_tensors().values() for b in bufs.values())
     assert cm.plan.state_bytes > 0 and cm.plan.cache_bytes == held
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("family", ["unet2d", "dit"])
+def test_low_precision_history(family, dtype, tol):
+    T = tiny(family, dtype=dtype)
+    sched = fxcache.DeepCache(interval=2, branch=1) if family == "unet2d" else fxcache.FORA(interval=2)
+    cm = _check_against_reference(T, _as_mask(T, sched, 6), 1, tol=tol)
+    bufs = [b for d in cm.cache_tensors().values() for s, b in d.items() if s[0] != "fxcache.forecast"]
+    assert bufs and all(b.dtype == dtype for b in bufs)
