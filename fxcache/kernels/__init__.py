@@ -91,8 +91,8 @@ forecast_gated_residual_reference = _forecast.forecast_gated_residual_reference
 
 # The kernel is usable with Triton and built for the GPU (under TRITON_INTERPRET=1
 # dynamo cannot trace it). A plain bool, so dynamo folds it.
-_KERNEL_USABLE = HAS_TRITON and not is_interpreted(_affine._affine_kernel)
-_FORECAST_USABLE = HAS_TRITON and not is_interpreted(_forecast._forecast_kernel)
+_KERNEL_USABLE = HAS_TRITON and not is_interpreted(_affine._affine_kernel) and not is_interpreted(
+    _forecast._forecast_kernel)
 
 
 def _use_kernel(*tensors: torch.Tensor) -> bool:
@@ -173,20 +173,11 @@ def forecast_gated_residual_triton(x, gate, coef, h0, h1, h2, channel_dim: int) 
     return _forecast.forecast_gated_residual_launch(x, gate, coef, h0, h1, h2, channel_dim)
 
 
-def _use_forecast_kernel(*tensors: torch.Tensor) -> bool:
-    return (
-        _FORECAST_USABLE
-        and not torch.compiler.is_compiling()
-        and tensors[0].device.type == "cuda"
-        and all(t.dtype in KERNEL_DTYPES for t in tensors)
-    )
-
-
 def forecast(coef: torch.Tensor, h0: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor | None = None) -> torch.Tensor:
     """A forecasting cache read, ``sum_j coef[j] * h_j`` (``coef`` a float32 vector on the
     history's device). The Triton op in eager mode on CUDA; the reference arithmetic
     under torch.compile and elsewhere (module docstring)."""
-    if _use_forecast_kernel(h0):
+    if _use_kernel(h0):
         return torch.ops.fxcache.forecast(coef, h0, h1, h2)
     return _forecast.forecast_reference(coef, h0, h1, h2)
 
@@ -194,6 +185,6 @@ def forecast(coef: torch.Tensor, h0: torch.Tensor, h1: torch.Tensor, h2: torch.T
 def forecast_gated_residual(x, gate, coef, h0, h1, h2, channel_dim: int) -> torch.Tensor:
     """``x + gate * sum_j coef[j] * h_j``, gate per (sample, channel): a forecasting cache
     read fused with FORA's gated residual. Dispatch as :func:`forecast`."""
-    if _use_forecast_kernel(x, gate, h0):
+    if _use_kernel(x, gate, h0):
         return torch.ops.fxcache.forecast_gated_residual(x, gate, coef, h0, h1, h2, channel_dim)
     return _forecast.forecast_gated_residual_reference(x, gate, coef, h0, h1, h2, channel_dim)
