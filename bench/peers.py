@@ -95,8 +95,10 @@ def first_block_cache(threshold: float) -> Peer:
     return Peer(f"diffusers FirstBlockCache({threshold})", "FirstBlockCache", build)
 
 
-def mag_ratios(name: str, steps: int, samples: int) -> list[float]:
-    """MagCache's per-step magnitude ratios from diffusers' calibration mode (it prints them)."""
+def mag_ratios(name: str, steps: int, samples: int, seed: int = 0) -> list[float]:
+    """MagCache's per-step magnitude ratios from diffusers' calibration mode (it prints them),
+    from one generation of ``samples`` samples with noise ``seed`` (for a table, a seed
+    other than the evaluation seed)."""
     from diffusers.hooks.mag_cache import MagCacheConfig, apply_mag_cache
 
     model = models.load(name)
@@ -104,7 +106,8 @@ def mag_ratios(name: str, steps: int, samples: int) -> list[float]:
     cached = DiffusersCached(model, "calibration", steps)
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
-        models.generate(cached, num_steps=steps, num_samples=samples, seed=0, class_labels=labels_for(name, samples))
+        models.generate(cached, num_steps=steps, num_samples=samples, seed=seed,
+                        class_labels=labels_for(name, samples))
     line = [ln for ln in text.getvalue().splitlines() if ln.startswith("[")][-1]
     return [float(v) for v in ast.literal_eval(line)]
 
@@ -167,17 +170,27 @@ def measure(peer: Peer, name: str, steps: int, samples: int, reference: torch.Te
     row = {"label": peer.label, "method": peer.method, "sqnr_db": float(metrics.sqnr(out, reference)),
            "seconds": best}
     if backend:
-        import torch._dynamo
-
-        torch._dynamo.reset()
-        compiled = peer.build(models.load(name), steps)
-        compiled.model = torch.compile(compiled.model, backend=backend)
-        warm = compile_counts(lambda: generate(compiled, name, steps, samples))  # the first generation
-        row.update(compile_counts(lambda: generate(compiled, name, steps, samples)))  # a second one
-        row["first_generation_graph_breaks"] = warm["graph_breaks"]
-        row["first_generation_frames_compiled"] = warm["frames_compiled"]
-        row["backend"] = backend
+        row.update(compiled_counts(peer, name, steps, samples, backend))
     return row
+
+
+def compiled_counts(peer: Peer, name: str, steps: int, samples: int, backend: str) -> dict:
+    """The peer on a fresh model under ``torch.compile(backend=backend)``: graph breaks and
+    frames compiled in a first generation and in a second one (recompiles), and the
+    first generation's wall time (compiling included)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = peer.build(models.load(name), steps)
+    compiled.model = torch.compile(compiled.model, backend=backend)
+    t0 = time.perf_counter()
+    warm = compile_counts(lambda: generate(compiled, name, steps, samples))  # the first generation
+    first_s = time.perf_counter() - t0
+    out = compile_counts(lambda: generate(compiled, name, steps, samples))  # a second one
+    out.update(first_generation_graph_breaks=warm["graph_breaks"],
+               first_generation_frames_compiled=warm["frames_compiled"], first_generation_s=first_s,
+               backend=backend)
+    return out
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,8 @@ __all__ = ["main", "build_parser", "parse_schedule"]
 
 MODELS = ("unet", "dit")
 BACKENDS = ("none", "inductor", "aot_eager")
-_SCHEDULE_HELP = "deepcache:INTERVAL[:BRANCH] (U-Net) or fora:INTERVAL (DiT), e.g. deepcache:3:0 or fora:2"
+_SCHEDULE_HELP = ("deepcache:INTERVAL[:BRANCH] or adaptive-deepcache:THRESHOLD[:BRANCH] (U-Net), fora:INTERVAL, "
+                  "fbc:THRESHOLD or teacache:THRESHOLD (DiT), e.g. deepcache:3:0, fora:2, fbc:0.15")
 _DEFAULT_SCHEDULE = {"unet": "deepcache:3:0", "dit": "fora:2"}
 
 
@@ -40,20 +41,30 @@ class CliError(Exception):
 
 # ------------------------------------------------------------------ argument types
 def parse_schedule(text: str):
-    """``deepcache:3``, ``deepcache:3:0`` or ``fora:2`` → a schedule config."""
-    from .schedules import FORA, DeepCache, ScheduleError
+    """``deepcache:3``, ``deepcache:3:0``, ``fora:2``, ``fbc:0.15``, ``teacache:0.2`` or
+    ``adaptive-deepcache:0.05:1`` → a schedule config."""
+    from .schedules import FORA, AdaptiveDeepCache, DeepCache, FirstBlockCache, ScheduleError, TeaCache
 
     parts = text.strip().lower().split(":")
     name, nums = parts[0], parts[1:]
     try:
-        values = [int(v) for v in nums]
+        values = [float(v) for v in nums]
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: numbers expected after ':'; use {_SCHEDULE_HELP}")
+    ints = [int(v) for v in values]
     try:
+        if name in ("deepcache", "fora") and ints != values:
+            raise ScheduleError("the interval and the branch are whole numbers")
         if name == "deepcache" and len(values) in (1, 2):
-            return DeepCache(interval=values[0], branch=values[1] if len(values) == 2 else 0)
+            return DeepCache(interval=ints[0], branch=ints[1] if len(values) == 2 else 0)
         if name == "fora" and len(values) == 1:
-            return FORA(interval=values[0])
+            return FORA(interval=ints[0])
+        if name == "fbc" and len(values) == 1:
+            return FirstBlockCache(values[0])
+        if name == "teacache" and len(values) == 1:
+            return TeaCache(values[0])
+        if name == "adaptive-deepcache" and len(values) in (1, 2):
+            return AdaptiveDeepCache(values[0], branch=int(values[1]) if len(values) == 2 else 0)
     except ScheduleError as exc:
         raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: {exc}")
     raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: use {_SCHEDULE_HELP}")
@@ -113,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="none: eager FX graphs (default, fast to start); inductor: torch.compile (minutes on CPU)")
         p.add_argument("--repeats", type=_positive, default=repeats,
                        help=f"interleaved timing repeats (default {repeats})")
+        p.add_argument("--forecast", type=int, choices=(0, 1, 2), default=0,
+                       help="cache reads: 0 reuse (default), 1 or 2 TaylorSeer forecast of that order")
 
     demo = sub.add_parser("demo", help="generate digits with the trained U-Net, uncached vs DeepCache",
                           description="Generate digits with the embedded trained U-Net, uncached and with DeepCache; "
@@ -270,7 +283,7 @@ def cmd_demo(args) -> int:
           f"16x16 digits), DDIM {args.steps} steps, {args.samples} samples, seed {args.seed}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     try:
-        cached = fx_compile(model, schedule, backend=backend)
+        cached = fx_compile(model, schedule, backend=backend, forecast=args.forecast)
         with torch.no_grad():
             t0 = time.perf_counter()
             ref = _generate(model, args.steps, args.samples, args.seed, None, "uncached")
@@ -374,6 +387,10 @@ def cmd_bench(args) -> int:
         return generate(m, num_steps=args.steps, num_samples=args.samples, seed=0, class_labels=labels)
 
     try:
+        if args.forecast:  # a built CachedModel carries the option; measure_speedup uses it as it is
+            from . import compile as fx_compile
+
+            model, schedule = fx_compile(model, schedule, backend=backend, mode=args.mode, forecast=args.forecast), None
         report = measure_speedup(model, schedule, run, backend=backend, mode=args.mode, repeats=args.repeats,
                                  threads=args.threads, progress=True)
     except Exception as exc:

@@ -5,6 +5,7 @@ here: these tests only check that the figures are consistent with each other, so
 stay fast and cannot fail because the machine is busy.
 """
 
+import argparse
 import importlib.util
 import json
 import math
@@ -220,6 +221,20 @@ def test_parse_schedule():
     assert cli.parse_schedule("deepcache:3:1") == fxcache.DeepCache(interval=3, branch=1)
     assert cli.parse_schedule("DeepCache:4") == fxcache.DeepCache(interval=4, branch=0)
     assert cli.parse_schedule("fora:2") == fxcache.FORA(interval=2)
+    assert cli.parse_schedule("fbc:0.15") == fxcache.FirstBlockCache(0.15)
+    assert cli.parse_schedule("teacache:0.2") == fxcache.TeaCache(0.2)
+    assert cli.parse_schedule("adaptive-deepcache:0.05:1") == fxcache.AdaptiveDeepCache(0.05, branch=1)
+    for bad in ("fora:2.5", "deepcache:3:0.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="whole numbers"):
+            cli.parse_schedule(bad)
+
+
+def test_cli_bench_adaptive_with_forecast(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--model", "dit", "--schedule", "fbc:0.15", "--forecast", "1", "--steps", "4",
+                     "--samples", "1", "--repeats", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "FirstBlockCache" in report["schedule"] and report["measured_speedup"] > 0
 
 
 def test_cli_deepcache_on_dit_is_refused(capsys):
