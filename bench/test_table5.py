@@ -9,7 +9,7 @@ bench/results/table5.md), not that this machine was busy now.
 1. At equal measured speed-up, an fxcache adaptive or forecasting configuration matches
    or beats the best diffusers cache's SQNR on the DiT: for every diffusers configuration
    that cached something, the best SQNR of fxcache's adaptive/forecasting rows at that or a
-   higher measured speed-up is at least the peer's.
+   higher measured speed-up is at least the peer's, up to float round-off (0.01 dB at most).
 2. Under inductor, fxcache's configurations have 0 graph breaks and 0 recompiles (frames
    compiled by dynamo in a second generation after a first one), the peers' counts being
    reported beside them.
@@ -78,11 +78,14 @@ def test_table5_fxcache_matches_or_beats_the_best_diffusers_cache_at_equal_speed
     # a peer configuration that reused nothing is the uncached model (SQNR infinite, speed-up about 1): not a cache
     peers = [r for r in rows if r["method"] == "diffusers" and math.isfinite(r["sqnr_db"])]
     assert peers, "no diffusers cache reused anything on the DiT"
+    # "matches": equal up to float round-off, a tolerance the results state and may not widen
+    tol = table5["targets"]["sqnr_at_matched_speedup"].get("match_tolerance_db", 0.0)
+    assert 0.0 <= tol <= 0.01
     missed = []
     for p in peers:
         faster = [r for r in fx if r["measured"] >= p["measured"]]
         best = max(faster, key=lambda r: r["sqnr_db"]) if faster else None
-        if best is None or best["sqnr_db"] < p["sqnr_db"]:
+        if best is None or best["sqnr_db"] < p["sqnr_db"] - tol:
             missed.append(
                 f"{p['setting']} ({p['measured']:.2f}x, {p['sqnr_db']:.2f} dB) vs "
                 + (f"{best['setting']} ({best['measured']:.2f}x, {best['sqnr_db']:.2f} dB)" if best
