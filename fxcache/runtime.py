@@ -732,7 +732,9 @@ class CachedModel(DropIn):
         graph = entry.repair_graph if kind is None else entry.solved.graphs[kind]
         if not graph.reads or FORECAST_SLOT not in bufs:
             return
-        rows = [forecast_weights(step, state.computed_at.get(u, []), order) for u in entry.plan.units]
+        zero = [0.0] * (order + 1)  # rows of units this step does not read stay zero
+        rows = [forecast_weights(step, state.computed_at.get(u, []), order) if u in graph.reads else zero
+                for u in entry.plan.units]
         coef = bufs[FORECAST_SLOT]
         if coef.device.type == "cuda":
             host = torch.tensor(rows, dtype=torch.float32).pin_memory()  # the caching host allocator keeps it
