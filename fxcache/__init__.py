@@ -7,7 +7,7 @@ The stages, in order: capture (``fxcache.capture``) → analyze (``fxcache.analy
 → compile → run (``fxcache.runtime.CachedModel``).
 """
 
-from .api import attach, compile, detach, disable, enable, plan_for, units
+from .api import attach, compile, detach, disable, enable, engine_of, plan_for, units
 from .errors import CaptureError, CheckpointError, FxcacheError, UnitError, UnsupportedModelError
 from .plan import Plan, PlanError, UnitInfo
 from .runtime import CachedModel
@@ -28,6 +28,7 @@ __all__ = [
     "enable",
     "disable",
     "detach",
+    "engine_of",
     "CachedModel",
     "Plan",
     "UnitInfo",

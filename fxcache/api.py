@@ -4,8 +4,6 @@ input shapes are known; a new input shape captures and plans again."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 from typing import TYPE_CHECKING, Any, Union
 
@@ -15,8 +13,10 @@ from .analyze.units import UnitSet, find_units
 from .capture import capture
 from .errors import UnitError
 from .plan import Plan
-from .planning import lower_to_plan
-from .runtime import CachedModel, CompileOptions
+from .runtime import CachedModel, CompileOptions, engine_of
+from .runtime import attach as _attach
+from .runtime import detach as _detach
+from .runtime.build import prepare
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibrate.scale_shift import ScaleShift
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Mask, DeepCache, FORA, BlockCache, LearnedMask, FirstBlockCache, AdaptiveDeepCache, MagCache, TeaCache
     ]
 
-__all__ = ["compile", "units", "plan_for", "attach", "enable", "disable", "detach"]
+__all__ = ["compile", "units", "plan_for", "attach", "enable", "disable", "detach", "engine_of"]
 
 
 def compile(
@@ -74,18 +74,29 @@ def compile(
         raise TypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, CachedModel):
         raise TypeError("this model is already a CachedModel; compile the original model instead")
+    opts = _options(
+        backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
+        freezing=freezing, segments=segments, max_graphs=max_graphs, scale_shift=scale_shift,
+        timestep_rule=timestep_rule, repeated_timesteps=repeated_timesteps, forecast=forecast,
+    )
+    return CachedModel(model, schedule, opts)
+
+
+def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fuse=True, options=None,
+             freezing=None, segments="auto", max_graphs=8, scale_shift=None, timestep_rule="auto",
+             repeated_timesteps=False, forecast=0) -> CompileOptions:
+    """``compile``'s keyword arguments, checked, as :class:`CompileOptions` (``enable`` takes the same)."""
     if max_shapes < 1:
         raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
     if isinstance(forecast, bool) or forecast not in (0, 1, 2):
         raise ValueError(f"forecast must be 0 (reuse), 1 or 2 (the order of the extrapolation), got {forecast!r}")
-    opts = CompileOptions(
+    if segments not in (True, False, "auto"):
+        raise ValueError(f"segments must be True, False or 'auto', got {segments!r}")
+    return CompileOptions(
         backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
         freezing=freezing, segments=segments, max_graphs=max_graphs, scale_shift=scale_shift,
         timestep_rule=timestep_rule, repeated_timesteps=bool(repeated_timesteps), forecast=int(forecast),
     )
-    if segments not in (True, False, "auto"):
-        raise ValueError(f"segments must be True, False or 'auto', got {segments!r}")
-    return CachedModel(model, schedule, opts)
 
 
 def units(model: torch.nn.Module, *example_args, **example_kwargs) -> UnitSet:
@@ -94,17 +105,13 @@ def units(model: torch.nn.Module, *example_args, **example_kwargs) -> UnitSet:
 
 
 def plan_for(model: torch.nn.Module, schedule: Schedule, *example_args, num_steps: int | None = None, **example_kwargs) -> Plan:
-    """The plan ``schedule`` gives on ``model`` for these inputs, bound to its rewritten graphs."""
-    from .rewrite.step_graphs import solve_steps
-
-    captured = capture(model, example_args, example_kwargs)
-    unitset = find_units(captured.gm)
-    plan = lower_to_plan(schedule, unitset, num_steps, type(model).__name__)
-    solved = solve_steps(captured.gm, [u for u in unitset if u.name in set(plan.units)], plan)
-    return plan.bind(solved.kind_of_step, solved.step_kinds)
+    """The plan ``schedule`` gives on ``model`` for these inputs, bound to its rewritten
+    graphs (the runtime's own build path, up to compiling)."""
+    return prepare(model, schedule, CompileOptions(num_steps=num_steps), example_args, example_kwargs).plan
 
 
 _DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder")
+_SECOND_DENOISERS = ("transformer_2", "unet_2")  # two-expert pipelines (Wan 2.2): both are cached
 
 
 def _is_pipeline(obj) -> bool:
@@ -115,101 +122,88 @@ def _is_pipeline(obj) -> bool:
     return isinstance(obj, DiffusionPipeline)
 
 
-def _cached_components(pipe) -> dict:
-    return {name: comp for name, comp in pipe.components.items() if isinstance(comp, CachedModel)}
-
-
-@contextlib.contextmanager
-def _originals(pipe):
-    """Every cached component of ``pipe`` replaced by its original model (the pipeline's
-    config records the original class while inside), then put back."""
-    cached = _cached_components(pipe)
-    for name, comp in cached.items():
-        setattr(pipe, name, comp.model)
-    try:
-        yield
-    finally:
-        for name, comp in cached.items():
-            setattr(pipe, name, comp)
-
-
-def attach(pipe: Any, schedule: Schedule | None = None, *, denoiser: str | None = None, **compile_kwargs: Any) -> Any:
-    """Put a cached denoiser into a diffusers pipeline and start a new generation at
-    every call of the pipeline. ``schedule=None`` keeps an already cached denoiser.
-    ``pipe.save_pretrained`` then writes the original denoiser (a pipeline that loads
-    without fxcache); :func:`disable` restores the original component and class."""
-    name = denoiser or next((a for a in _DENOISER_ATTRS if getattr(pipe, a, None) is not None), None)
-    if name is None:
+def _denoisers(pipe, denoiser: str | None) -> list[str]:
+    if denoiser is not None:
+        if not isinstance(getattr(pipe, denoiser, None), torch.nn.Module):
+            raise UnitError(f"{type(pipe).__name__}.{denoiser} is not a module")
+        return [denoiser]
+    first = next((a for a in _DENOISER_ATTRS if isinstance(getattr(pipe, a, None), torch.nn.Module)), None)
+    if first is None:
         raise UnitError(
             f"{type(pipe).__name__} has none of the attributes {_DENOISER_ATTRS}; pass denoiser='name' "
             f"to say which component is the denoiser"
         )
-    cached = getattr(pipe, name)
-    if schedule is not None:
-        if isinstance(cached, CachedModel):
-            cached = cached.model
-        cached = compile(cached, schedule, **compile_kwargs)
-        setattr(pipe, name, cached)
-    elif not isinstance(cached, CachedModel):
-        raise UnitError(f"pipe.{name} is not a CachedModel; pass a schedule to compile it")
+    return [first] + [a for a in _SECOND_DENOISERS if isinstance(getattr(pipe, a, None), torch.nn.Module)]
 
-    cls = type(pipe)
-    if not getattr(cls, "_fxcache_attached", False):
-        original_call = cls.__call__
-        original_save = cls.save_pretrained
 
-        @functools.wraps(original_call)
-        def __call__(self, *args, **kwargs):
-            denoiser_module = getattr(self, self._fxcache_denoiser)
-            if isinstance(denoiser_module, CachedModel):
-                with denoiser_module.generation():
-                    return original_call(self, *args, **kwargs)
-            return original_call(self, *args, **kwargs)
+class _CallStart:
+    """Put on a pipeline as ``progress_bar``: every diffusers pipeline opens its progress
+    bar once per call, before its first denoising step, so each call starts a new
+    generation of its cached denoisers, even after a call that was interrupted (the
+    pipeline's own ``_reset_stateful_cache`` at the end of a call is skipped then)."""
 
-        @functools.wraps(original_save)
-        def save_pretrained(self, *args, **kwargs):
-            with _originals(self):
-                return original_save(self, *args, **kwargs)
+    def __init__(self, pipe, names):
+        self.pipe = pipe
+        self.names = tuple(names)
 
-        sub = type(
-            cls.__name__,
-            (cls,),
-            {"__call__": __call__, "save_pretrained": save_pretrained, "_fxcache_attached": True,
-             "_fxcache_original_class": cls, "__module__": cls.__module__},
-        )
-        pipe.__class__ = sub
-    pipe._fxcache_denoiser = name
-    return pipe
+    def __call__(self, *args, **kwargs):
+        for name in self.names:
+            engine = engine_of(getattr(self.pipe, name, None))
+            if engine is not None:
+                engine.reset()
+        return type(self.pipe).progress_bar(self.pipe, *args, **kwargs)
 
 
 def enable(target: Any, schedule: Schedule, *, denoiser: str | None = None, **options: Any) -> Any:
-    """diffusers-style entry point (as ``CacheMixin.enable_cache``).
+    """Attach caching in place (as ``nn.Module.compile()`` and diffusers' ``enable_cache``):
+    the model keeps its class, names, ``state_dict`` keys and hooks, and pickles.
 
-    A pipeline: its denoiser (``unet``/``transformer``/..., or ``denoiser=``) is cached,
-    every pipeline call is a fresh generation, ``save_pretrained`` writes the original
-    model; returns the pipeline. A model: returns ``fxcache.compile(model, schedule,
-    **options)``. Undo with :func:`disable`."""
+    A pipeline: its denoiser (``unet``/``transformer``/..., with ``transformer_2`` where
+    there is one, or ``denoiser=``) is cached in place and every pipeline call starts a
+    new generation; returns the pipeline. A model: returns the model itself.
+    ``options`` are ``fxcache.compile``'s. :func:`engine_of` gives the plan and the
+    decisions; :func:`disable` detaches. A ``CachedModel`` wrapper given here (or found
+    in the pipeline) is replaced by its model."""
+    opts = _options(**options)
     if _is_pipeline(target):
-        return attach(target, schedule, denoiser=denoiser, **options)
+        names = _denoisers(target, denoiser)
+        for name in names:
+            model = getattr(target, name)
+            if isinstance(model, CachedModel):
+                model = model.model
+                setattr(target, name, model)
+            _attach(model, schedule, opts)
+        target.__dict__["progress_bar"] = _CallStart(target, names)
+        return target
     if isinstance(target, CachedModel):
         target = target.model
-    return compile(target, schedule, **options)
+    if not isinstance(target, torch.nn.Module):
+        raise TypeError(f"fxcache.enable expects a diffusers pipeline or an nn.Module, got {type(target).__name__}")
+    _attach(target, schedule, opts)
+    return target
+
+
+attach = enable
 
 
 def disable(target: Any) -> Any:
-    """Undo :func:`enable` / :func:`attach` / :func:`compile`: a pipeline gets its
-    original components and class back (returned); a ``CachedModel`` gives its original
-    model; anything else is returned as it is."""
+    """Undo :func:`enable` / :func:`compile`: a pipeline's denoisers and a model lose
+    their caching (returned as they are); a ``CachedModel`` gives its original model;
+    anything else is returned as it is."""
     if isinstance(target, CachedModel):
         return target.model
     if _is_pipeline(target):
-        for name, comp in _cached_components(target).items():
-            setattr(target, name, comp.model)
-        original = getattr(type(target), "_fxcache_original_class", None)
-        if original is not None:
-            target.__class__ = original
-            target.__dict__.pop("_fxcache_denoiser", None)
+        hook = target.__dict__.pop("progress_bar", None)
+        names = hook.names if isinstance(hook, _CallStart) else _DENOISER_ATTRS + _SECOND_DENOISERS
+        for name in names:
+            comp = getattr(target, name, None)
+            if isinstance(comp, CachedModel):
+                setattr(target, name, comp.model)
+            elif isinstance(comp, torch.nn.Module):
+                _detach(comp)
         return target
+    if isinstance(target, torch.nn.Module):
+        _detach(target)
     return target
 
 

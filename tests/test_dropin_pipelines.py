@@ -36,7 +36,10 @@ def test_save_pretrained_writes_the_original_model_and_reloads_uncached(tmp_path
         fxcache.attach(pipe, SCHEDULE, **EAGER)
     else:
         assert fxcache.enable(pipe, SCHEDULE, **EAGER) is pipe
-    assert isinstance(pipe.unet, fxcache.CachedModel)
+    if how == "assign":
+        assert isinstance(pipe.unet, fxcache.CachedModel)
+    else:  # attached in place: the component is the model itself
+        assert type(pipe.unet) is UNet2DModel and fxcache.engine_of(pipe.unet) is not None
     cached_out = _run(pipe)
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
@@ -48,7 +51,7 @@ def test_save_pretrained_writes_the_original_model_and_reloads_uncached(tmp_path
     assert type(loaded.unet) is UNet2DModel
     np.testing.assert_array_equal(_run(loaded), ref)
     # the saving pipeline still caches
-    assert isinstance(pipe.unet, fxcache.CachedModel)
+    assert isinstance(pipe.unet, fxcache.CachedModel) or fxcache.engine_of(pipe.unet) is not None
     np.testing.assert_array_equal(_run(pipe), cached_out)
 
 
@@ -57,7 +60,7 @@ def test_disable_restores_component_and_class():
     cls, unet = type(pipe), pipe.unet
     ref = _run(pipe)
     fxcache.enable(pipe, SCHEDULE, **EAGER)
-    assert type(pipe) is not cls and not np.array_equal(_run(pipe), ref)
+    assert type(pipe) is cls and pipe.unet is unet and not np.array_equal(_run(pipe), ref)
     assert fxcache.disable(pipe) is pipe
     assert type(pipe) is cls and pipe.unet is unet
     np.testing.assert_array_equal(_run(pipe), ref)
@@ -66,7 +69,11 @@ def test_disable_restores_component_and_class():
 
 def test_enable_and_disable_on_a_model():
     T = tiny("unet2d")
-    cached = fxcache.enable(T.model, SCHEDULE, **EAGER)
-    assert isinstance(cached, fxcache.CachedModel) and cached.model is T.model
+    assert fxcache.enable(T.model, SCHEDULE, **EAGER) is T.model
+    assert fxcache.engine_of(T.model).schedule == SCHEDULE
+    assert fxcache.disable(T.model) is T.model and fxcache.engine_of(T.model) is None
+    cached = fxcache.compile(T.model, SCHEDULE, **EAGER)
     assert fxcache.disable(cached) is T.model
-    assert fxcache.enable(cached, fxcache.DeepCache(interval=3, branch=0), **EAGER).model is T.model
+    # a wrapper given to enable is replaced by its model, which gets the new schedule in place
+    assert fxcache.enable(cached, fxcache.DeepCache(interval=3, branch=0), **EAGER) is T.model
+    assert fxcache.engine_of(T.model).schedule.interval == 3

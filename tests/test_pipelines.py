@@ -42,12 +42,12 @@ def test_ddpm_pipeline_called_twice_starts_fresh_without_helper():
 def test_attach_resets_every_call():
     pipe, T = _ddpm()
     fxcache.attach(pipe, fxcache.DeepCache(interval=2, branch=0), **EAGER)
-    assert isinstance(pipe.unet, fxcache.CachedModel)
+    engine = fxcache.engine_of(pipe.unet)
     a = _run_ddpm(pipe)
-    pipe.unet._state().last_t = -1.0  # defeat timestep detection: only attach's reset remains
+    engine._state().last_t = -1.0  # defeat timestep detection: only attach's reset remains
     b = _run_ddpm(pipe)
     np.testing.assert_array_equal(a, b)
-    assert pipe.unet.step == 0  # reset after the call
+    assert engine.step == 0  # reset after the call
 
 
 def _dit_pipe():
@@ -90,5 +90,6 @@ def test_dit_pipeline_full_plan_is_exact_and_fora_is_close():
     # rounding (the captured graph and the eager modules may order a few ops differently)
     np.testing.assert_allclose(out, fora_by_hand, rtol=0, atol=1e-5)
     assert np.abs(out - ref).max() > 1e-3  # and FORA is lossy: the check above means something
-    print(pipe.transformer.plan)
-    assert pipe.transformer.plan.ideal_speedup > 1.2
+    plan = fxcache.engine_of(pipe.transformer).plan
+    print(plan)
+    assert plan.ideal_speedup > 1.2
