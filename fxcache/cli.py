@@ -40,34 +40,57 @@ class CliError(Exception):
 
 
 # ------------------------------------------------------------------ argument types
+# kind -> (config class, its parameters in order: (name, whole number?, allowed, default))
+_SCHEDULE_PARAMS = {
+    "deepcache": ("DeepCache", (("interval", True, "a whole number >= 1", None), ("branch", True, "a whole number >= 0", 0))),
+    "fora": ("FORA", (("interval", True, "a whole number >= 1", None),)),
+    "fbc": ("FirstBlockCache", (("threshold", False, "a finite number >= 0", None),)),
+    "teacache": ("TeaCache", (("threshold", False, "a finite number >= 0", None),)),
+    "adaptive-deepcache": (
+        "AdaptiveDeepCache",
+        (("threshold", False, "a finite number >= 0", None), ("branch", True, "a whole number >= 0", 0)),
+    ),
+}
+
+
 def parse_schedule(text: str):
     """``deepcache:3``, ``deepcache:3:0``, ``fora:2``, ``fbc:0.15``, ``teacache:0.2`` or
-    ``adaptive-deepcache:0.05:1`` → a schedule config."""
-    from .schedules import FORA, AdaptiveDeepCache, DeepCache, FirstBlockCache, ScheduleError, TeaCache
+    ``adaptive-deepcache:0.05:1`` → a schedule config. A NaN or infinite value, a
+    fraction where a whole number is needed, or a value the config refuses (a negative
+    threshold, interval or branch) is an ``ArgumentTypeError`` naming the parameter."""
+    import math
+
+    from . import schedules
 
     parts = text.strip().lower().split(":")
     name, nums = parts[0], parts[1:]
+    spec = _SCHEDULE_PARAMS.get(name)
+    if spec is None or not 1 <= len(nums) <= len(spec[1]):
+        raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: use {_SCHEDULE_HELP}")
+    cls_name, params = spec
+    values = {}
+    for token, (param, whole, allowed, _default) in zip(nums, params):
+        try:
+            value = float(token)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid schedule {text!r}: numbers expected after ':'; use {_SCHEDULE_HELP}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(
+                f"invalid schedule {text!r}: {param} = {token.strip()} is not a finite number; {param} must be {allowed}")
+        if whole:
+            if value != int(value):
+                raise argparse.ArgumentTypeError(
+                    f"invalid schedule {text!r}: {param} = {token.strip()} is not allowed: intervals and branches are "
+                    f"whole numbers")
+            value = int(value)
+        values[param] = value
+    for param, _whole, _allowed, default in params[len(nums):]:
+        values[param] = default
     try:
-        values = [float(v) for v in nums]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: numbers expected after ':'; use {_SCHEDULE_HELP}")
-    ints = [int(v) for v in values]
-    try:
-        if name in ("deepcache", "fora") and ints != values:
-            raise ScheduleError("the interval and the branch are whole numbers")
-        if name == "deepcache" and len(values) in (1, 2):
-            return DeepCache(interval=ints[0], branch=ints[1] if len(values) == 2 else 0)
-        if name == "fora" and len(values) == 1:
-            return FORA(interval=ints[0])
-        if name == "fbc" and len(values) == 1:
-            return FirstBlockCache(values[0])
-        if name == "teacache" and len(values) == 1:
-            return TeaCache(values[0])
-        if name == "adaptive-deepcache" and len(values) in (1, 2):
-            return AdaptiveDeepCache(values[0], branch=int(values[1]) if len(values) == 2 else 0)
-    except ScheduleError as exc:
-        raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: {exc}")
-    raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: use {_SCHEDULE_HELP}")
+        return getattr(schedules, cls_name)(**values)
+    except schedules.ScheduleError as exc:
+        raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: {exc}") from None
 
 
 def _positive(text: str) -> int:

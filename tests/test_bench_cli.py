@@ -229,6 +229,55 @@ def test_parse_schedule():
             cli.parse_schedule(bad)
 
 
+@pytest.mark.parametrize(
+    "text, param",
+    [
+        ("fbc:nan", "threshold"), ("fbc:inf", "threshold"), ("fbc:-inf", "threshold"), ("fbc:1e400", "threshold"),
+        ("teacache:nan", "threshold"), ("teacache:Infinity", "threshold"),
+        ("fora:nan", "interval"), ("fora:inf", "interval"), ("fora:1e400", "interval"),
+        ("deepcache:nan", "interval"), ("deepcache:inf:0", "interval"), ("deepcache:3:nan", "branch"),
+        ("deepcache:3:inf", "branch"), ("adaptive-deepcache:nan", "threshold"),
+        ("adaptive-deepcache:inf:1", "threshold"), ("adaptive-deepcache:0.1:nan", "branch"),
+    ],
+)
+def test_parse_schedule_refuses_nan_and_inf_naming_the_parameter(text, param):
+    """NaN and infinite values are refused in one clear line naming the parameter (not
+    argparse's 'invalid parse_schedule value', nor an OverflowError traceback)."""
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        cli.parse_schedule(text)
+    msg = str(info.value)
+    assert msg.startswith(f"invalid schedule {text!r}: {param} = ") and "finite" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("fbc:-0.1", "FirstBlockCache.threshold = -0.1"), ("teacache:-1", "TeaCache.threshold = -1.0"),
+        ("fora:-2", "FORA.interval = -2"), ("fora:0", "FORA.interval = 0"), ("deepcache:-3", "DeepCache.interval = -3"),
+        ("deepcache:3:-1", "DeepCache.branch = -1"), ("adaptive-deepcache:-0.1", "AdaptiveDeepCache.threshold = -0.1"),
+        ("adaptive-deepcache:0.1:-1", "AdaptiveDeepCache.branch = -1"),
+    ],
+)
+def test_parse_schedule_refuses_negative_values_naming_the_field(text, field):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"invalid schedule {text!r}: {field} is not allowed"):
+        cli.parse_schedule(text)
+
+
+def test_parse_schedule_branch_of_adaptive_deepcache_is_a_whole_number():
+    """It was truncated (0.1:1.5 gave branch 1) while deepcache:3:0.5 was refused."""
+    with pytest.raises(argparse.ArgumentTypeError, match="whole numbers"):
+        cli.parse_schedule("adaptive-deepcache:0.1:1.5")
+
+
+@pytest.mark.parametrize("text", ["fbc:nan", "fora:inf", "deepcache:3:nan"])
+def test_cli_nan_schedule_is_one_clear_line(text, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--model", "unet", "--schedule", text])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid parse_schedule value" not in err and "finite" in err and "Traceback" not in err
+
+
 def test_cli_bench_adaptive_with_forecast(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert cli.main(["bench", "--model", "dit", "--schedule", "fbc:0.15", "--forecast", "1", "--steps", "4",
