@@ -416,6 +416,85 @@ def test_cli_output_into_read_only_folder_is_refused_before_work(tmp_path, capsy
         ro.chmod(0o700)
 
 
+@pytest.mark.parametrize("folder", ["/proc", "/sys", "/proc/self"])
+@pytest.mark.parametrize(
+    "command, argv",
+    [
+        ("demo", ["demo", "--steps", "1", "--samples", "1", "--no-bench", "--out", "{folder}/demo.png"]),
+        ("profile", ["profile", "--model", "unet", "--steps", "1", "--samples", "1", "--seeds", "0",
+                     "--out", "{folder}/p.safetensors"]),
+        ("bench", ["bench", "--model", "unet", "--steps", "1", "--samples", "1", "--repeats", "1",
+                   "--json", "{folder}/r.json"]),
+    ],
+)
+def test_cli_output_on_a_pseudo_filesystem_is_refused_before_work(folder, command, argv, capsys, no_model_work):
+    """/proc and /sys pass os.access as root but hold no files: refused in one line before
+    any work, not a traceback after the whole run."""
+    if not os.path.isdir(folder):
+        pytest.skip(f"no {folder} here")
+    assert cli.main([a.format(folder=folder) for a in argv]) == 2
+    err = _one_line_error(capsys, command)
+    assert folder in err and "cannot write" in err
+
+
+def test_cli_output_that_is_not_a_regular_file_is_refused_before_work(capsys, no_model_work):
+    """Writing goes through a temporary file and a rename, which would replace a device
+    node: an existing target that is not a regular file is refused."""
+    if not os.path.exists(os.devnull) or os.path.isfile(os.devnull):
+        pytest.skip("no device node to try")
+    assert cli.main(["bench", "--model", "unet", "--json", os.devnull]) == 2
+    err = _one_line_error(capsys, "bench")
+    assert os.devnull in err and "not a regular file" in err
+    assert not os.path.isfile(os.devnull)
+
+
+def test_cli_output_folder_where_no_file_can_be_created_is_refused(tmp_path, capsys, monkeypatch, no_model_work):
+    """The folder is tried by creating and removing a file in it, whatever os.access says."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert cli.main(["bench", "--model", "unet", "--json", str(tmp_path / "r.json")]) == 2
+    err = _one_line_error(capsys, "bench")
+    assert "cannot write" in err and "Read-only file system" in err
+
+
+@pytest.mark.parametrize("mode", ["bogus", "Default", ""])
+def test_cli_bench_bad_mode_is_refused_before_work(mode, capsys, no_model_work):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--model", "unet", "--backend", "inductor", "--mode", mode])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--mode" in err and "reduce-overhead" in err
+
+
+def test_cli_bench_mode_without_inductor_is_refused_before_work(capsys, no_model_work):
+    """--mode is a torch.compile mode: with --backend none nothing is compiled and it used
+    to be ignored without a word."""
+    assert cli.main(["bench", "--model", "unet", "--mode", "max-autotune"]) == 2
+    err = _one_line_error(capsys, "bench")
+    assert "--mode" in err and "--backend inductor" in err
+
+
+@pytest.mark.skipif(not _has_model("unet"), reason="the embedded trained U-Net is not present")
+def test_cli_demo_bad_branch_is_refused_before_any_generation(tmp_path, capsys, monkeypatch):
+    """--branch is checked against the model's skip branches before the uncached (or
+    any) generation runs."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a generation ran before --branch was checked")
+
+    monkeypatch.setattr(cli, "_generate", refuse)
+    code = cli.main(["demo", "--steps", "2", "--samples", "1", "--branch", "9", "--no-bench",
+                     "--out", str(tmp_path / "x.png")])
+    assert code == 2
+    err = _one_line_error(capsys, "demo")
+    assert "9" in err and "branch" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_profile_plot_without_matplotlib_is_refused_before_work(tmp_path, capsys, monkeypatch, no_model_work):
     for name in [m for m in sys.modules if m.startswith("matplotlib.")] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)  # the import system's own "not installed"
