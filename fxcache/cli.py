@@ -482,8 +482,9 @@ def cmd_bench(args) -> int:
         raise
     print(report)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        from .artefacts.store import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2))  # a failure leaves the old file
         print(f"wrote {args.json}")
     return 0
 
