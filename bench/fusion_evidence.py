@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 
 import fxcache
+from fxcache.artefacts.store import write_text_atomic
 import fxcache.kernels as K
 from fxcache.testing import tiny
 
@@ -278,7 +279,7 @@ def main(argv=None) -> int:
     for name in arms:
         lines.append(f"- {name}: " + ", ".join(f"`{k}`" for k in found[name]["kernels"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -44,6 +44,7 @@ import torch._dynamo
 
 import fxcache
 import fxcache.evaluation.metrics as fxmetrics
+from fxcache.artefacts.store import atomic_path, write_text_atomic
 from fxcache.evaluation.metrics import class_accuracy, fid_digits, psnr, sqnr
 from fxcache.evaluation.provenance import ProvenanceError, source_stamp
 from fxcache.evaluation.speed import interleaved_times, measure_speedup
@@ -439,14 +440,14 @@ def write_markdown(n: int, data: dict, out: Path) -> str:
     path = out / f"table{n}.md"
     kept = discussion(path)
     md = f"{RENDER[n](data)}\n\n{DISCUSSION_MARK}\n\n{kept or _NO_DISCUSSION}\n"
-    path.write_text(md)
+    write_text_atomic(path, md)  # a failure leaves the previous results, not half a file
     return md
 
 
 def write(n: int, data: dict, out: Path) -> None:
     data = _clean(data)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"table{n}.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    write_text_atomic(out / f"table{n}.json", json.dumps(data, indent=1, allow_nan=False) + "\n")
     had_discussion = discussion(out / f"table{n}.md") is not None
     print(write_markdown(n, _unclean(data), out), flush=True)
     log(f"wrote {out / f'table{n}.md'} and table{n}.json"
@@ -1468,7 +1469,8 @@ def plot5(data: dict, path: Path) -> None:
                  f"{data['config']['command']}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     log(f"plotted {path}")
 
@@ -1520,7 +1522,8 @@ def plot(n: int, data: dict, path: Path) -> None:
                  fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     log(f"plotted {path}")
 

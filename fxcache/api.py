@@ -11,7 +11,8 @@ import torch
 
 from .analyze.units import UnitSet, find_units
 from .capture import capture
-from .errors import UnitError
+from .errors import OptionError, OptionTypeError, UnitError
+from .schedules import check_schedule
 from .plan import Plan
 from .runtime import CachedModel, CompileOptions, engine_of
 from .runtime import attach as _attach
@@ -71,9 +72,10 @@ def compile(
     finite-difference forecast); the cache then holds ``forecast + 1`` values per slot.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
+        raise OptionTypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, CachedModel):
-        raise TypeError("this model is already a CachedModel; compile the original model instead")
+        raise OptionTypeError("this model is already a CachedModel; compile the original model instead")
+    check_schedule(schedule)
     opts = _options(
         backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
         freezing=freezing, segments=segments, max_graphs=max_graphs, scale_shift=scale_shift,
@@ -85,17 +87,64 @@ def compile(
 def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fuse=True, options=None,
              freezing=None, segments="auto", max_graphs=8, scale_shift=None, timestep_rule="auto",
              repeated_timesteps=False, forecast=0) -> CompileOptions:
-    """``compile``'s keyword arguments, checked, as :class:`CompileOptions` (``enable`` takes the same)."""
-    if max_shapes < 1:
-        raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
-    if isinstance(forecast, bool) or forecast not in (0, 1, 2):
-        raise ValueError(f"forecast must be 0 (reuse), 1 or 2 (the order of the extrapolation), got {forecast!r}")
-    if segments not in (True, False, "auto"):
-        raise ValueError(f"segments must be True, False or 'auto', got {segments!r}")
+    """``compile``'s keyword arguments, checked, as :class:`CompileOptions` (``enable`` takes
+    the same). A bad one is an OptionError (a ValueError; OptionTypeError for a wrong type,
+    also a TypeError) naming the argument, the value and what is allowed, before anything
+    is captured, never torch's error at the first call."""
+    import numbers
+
+    from .rewrite.compile import check_backend, check_mode, check_options
+    from .runtime.options import TIMESTEP_RULES
+
+    def _int(x) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    def bad(name, value, allowed, type_error=False):
+        cls = OptionTypeError if type_error else OptionError
+        return cls(f"fxcache.compile: {name} = {value!r} is not allowed; {name} must be {allowed}")
+
+    check_backend(backend)
+    check_mode(mode)
+    check_options(options, backend)
+    if num_steps is not None and (not _int(num_steps) or num_steps < 1):
+        raise bad("num_steps", num_steps, "an integer >= 1 (the steps of a generation) or None",
+                  type_error=not _int(num_steps))
+    for name, value in (("max_shapes", max_shapes), ("max_graphs", max_graphs)):
+        if not _int(value) or value < 1:
+            raise bad(name, value, "an integer >= 1", type_error=not _int(value))
+    for name, value in (("fuse", fuse), ("repeated_timesteps", repeated_timesteps)):
+        if not isinstance(value, bool):
+            raise bad(name, value, "True or False", type_error=True)
+    if freezing is not None and not isinstance(freezing, bool):
+        raise bad("freezing", freezing, "True, False or None (inductor's default, True)", type_error=True)
+    if not (segments is True or segments is False or (isinstance(segments, str) and segments == "auto")):
+        raise bad("segments", segments, "True, False or 'auto'", type_error=not isinstance(segments, (bool, str)))
+    if not isinstance(timestep_rule, str) or timestep_rule not in TIMESTEP_RULES:
+        raise bad("timestep_rule", timestep_rule, f"one of {list(TIMESTEP_RULES)}",
+                  type_error=not isinstance(timestep_rule, str))
+    if not _int(forecast) or forecast not in (0, 1, 2):
+        # "forecast must be" is what callers matched before this was an OptionError
+        raise (OptionError if _int(forecast) else OptionTypeError)(
+            f"fxcache.compile: forecast = {forecast!r} is not allowed; forecast must be 0 (reuse), 1 or 2 "
+            f"(the order of the extrapolation)"
+        )
+    if scale_shift is not None:
+        from .rewrite.adapters import ScaleShift
+
+        if isinstance(scale_shift, os.PathLike):
+            scale_shift = os.fspath(scale_shift)
+        if isinstance(scale_shift, str) and scale_shift:
+            from .artefacts.store import read_scale_shift
+
+            read_scale_shift(scale_shift)  # a missing or damaged file: CheckpointError naming it, now
+        elif not isinstance(scale_shift, ScaleShift):
+            raise bad("scale_shift", scale_shift, "None, ScaleShift adapters or the path of their checkpoint",
+                      type_error=True)
     return CompileOptions(
-        backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
-        freezing=freezing, segments=segments, max_graphs=max_graphs, scale_shift=scale_shift,
-        timestep_rule=timestep_rule, repeated_timesteps=bool(repeated_timesteps), forecast=int(forecast),
+        backend=backend, mode=mode, num_steps=None if num_steps is None else int(num_steps),
+        max_shapes=int(max_shapes), fuse=fuse, options=options, freezing=freezing, segments=segments,
+        max_graphs=int(max_graphs), scale_shift=scale_shift, timestep_rule=timestep_rule,
+        repeated_timesteps=repeated_timesteps, forecast=int(forecast),
     )
 
 
@@ -164,6 +213,7 @@ def enable(target: Any, schedule: Schedule, *, denoiser: str | None = None, **op
     ``options`` are ``fxcache.compile``'s. :func:`engine_of` gives the plan and the
     decisions; :func:`disable` detaches. A ``CachedModel`` wrapper given here (or found
     in the pipeline) is replaced by its model."""
+    check_schedule(schedule)
     opts = _options(**options)
     if _is_pipeline(target):
         names = _denoisers(target, denoiser)

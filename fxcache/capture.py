@@ -45,12 +45,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
 
 from .errors import CaptureError
 from .rewrite import contract
@@ -92,10 +94,14 @@ def _is_integral(x) -> bool:
 
 
 def _normalize_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Python- or numpy-number timesteps become tensors, so that export does not bake them in.
+    """Python- or numpy-number timesteps become tensors, so that export does not bake them
+    in: the tensor the model's own forward makes of that number (:func:`_number_dtype`),
+    as a 0-d CPU tensor (every supported forward treats a 0-d tensor as it treats the
+    one-element tensor it makes of a number).
 
     On the per-step path: when no argument is a Python number (the usual case) this
-    returns at once; otherwise the signature is looked up once per model class."""
+    returns at once; otherwise the signature is looked up once per model class and the
+    conversion once per model, argument, number type and device."""
     if not any(_is_number(a) for a in args) and not any(_is_number(v) for v in kwargs.values()):
         return args, kwargs
     names = _forward_params(type(model))
@@ -111,13 +117,93 @@ def _normalize_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
         else:
             continue
         if _is_number(value):
-            tensor = torch.tensor(value.item() if hasattr(value, "item") else value,
-                                  dtype=torch.int64 if _is_integral(value) else torch.float32)
+            dtype = _number_dtype(model, name, value, tuple(args), kwargs)
+            tensor = torch.tensor(value, dtype=dtype)
             if name in kwargs:
                 kwargs = {**kwargs, name: tensor}
             else:
                 args[pos] = tensor
     return tuple(args), kwargs
+
+
+# ------------------------------------------------------ what the forward makes of a number
+# tensor factories and where each takes its data: (position, keyword)
+_FACTORIES = {torch.tensor: (0, "data"), torch.as_tensor: (0, "data"), torch.asarray: (0, "obj"),
+              torch.scalar_tensor: (0, "s"), torch.full: (1, "fill_value")}
+# model -> {(argument, number type, device type): dtype, or None when the forward made no
+# tensor of it}; weak keys: a model that is dropped takes its entries with it
+_NUMBER_DTYPES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+class _Made(BaseException):
+    """Stops the probe once the forward has made its tensor (a BaseException, so that a
+    forward's ``except Exception`` does not swallow it)."""
+
+    def __init__(self, tensor):
+        super().__init__()
+        self.tensor = tensor
+
+
+def _holds(x, value) -> bool:
+    return x is value or (isinstance(x, (list, tuple)) and any(_holds(e, value) for e in x))
+
+
+class _NumberProbe(TorchFunctionMode):
+    """Stops the forward at the first tensor factory (``torch.tensor([t], dtype=...)``,
+    ``torch.as_tensor(t)``, ``torch.full(shape, t)``, ...) called with the number itself."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)  # as the forward would: its own conversion errors stay its own
+        where = _FACTORIES.get(func)
+        if where is not None:
+            pos, key = where
+            data = args[pos] if pos < len(args) else kwargs.get(key)
+            if _holds(data, self.value):
+                raise _Made(out)
+        return out
+
+
+def _number_dtype(model: torch.nn.Module, name: str, value, args: tuple, kwargs: dict) -> torch.dtype:
+    """The dtype of the tensor ``model``'s forward makes of the number ``value`` passed as
+    ``name``: found by running the forward with it, stopped at the tensor factory that
+    receives the number (for a U-Net the first lines of its forward; nothing after runs).
+    ``UNet2DModel`` and ``PriorTransformer`` make ``torch.long`` (a float is truncated),
+    ``UNet2DConditionModel`` float64 for a float and int64 for an int. A forward that
+    raises for the number (diffusers' transformers want a tensor; ``UNet2DModel`` refuses a
+    numpy float32) is a :class:`CaptureError` naming the model's own error. A forward
+    that uses the number without making a tensor of it gets int64 for an integer and
+    float32 otherwise."""
+    device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    key = (name, type(value), device)
+    known = _NUMBER_DTYPES.setdefault(model, {})
+    if key not in known:
+        made = None
+        try:
+            with _eval_mode(model), torch.no_grad(), _NumberProbe(value):
+                # the class's forward: an engine attached in place as ``model.forward``
+                # would come back here
+                type(model).forward(model, *args, **kwargs)
+        except _Made as stop:
+            made = stop.tensor
+        except Exception as exc:
+            raise CaptureError(
+                f"{type(model).__name__}.forward does not take {name} = {value!r} ({type(value).__module__}."
+                f"{type(value).__name__}): called with it, the model itself raises {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass {name} as a tensor (as its pipeline does)"
+            ) from exc
+        if isinstance(made, torch.Tensor):
+            known[key] = made.dtype
+        else:
+            known[key] = None
+    dtype = known[key]
+    if dtype is None:
+        dtype = torch.int64 if _is_integral(value) else torch.float32
+    return dtype
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,8 +11,11 @@
 Every subcommand runs on the CPU in this process; ``--backend none`` (the default) runs
 the graphs eagerly, ``--backend inductor`` compiles them (minutes on a CPU). Every file a
 command writes (``--out``, ``--plot``, ``--json``) is checked before any work starts: its
-folder must exist (nothing is created), be writable, and the extension must be one the
-command can write; otherwise the command prints one line and exits with status 2.
+folder must exist (nothing is created), be writable (tried with a file created and
+removed there; /proc and /sys refused), an existing target must be a regular file, and
+the extension must be one the command can write; otherwise the command prints one line
+and exits with status 2. ``demo`` checks ``--branch`` against the model and ``bench``
+checks ``--mode`` before any generation.
 """
 
 from __future__ import annotations
@@ -40,34 +43,57 @@ class CliError(Exception):
 
 
 # ------------------------------------------------------------------ argument types
+# kind -> (config class, its parameters in order: (name, whole number?, allowed, default))
+_SCHEDULE_PARAMS = {
+    "deepcache": ("DeepCache", (("interval", True, "a whole number >= 1", None), ("branch", True, "a whole number >= 0", 0))),
+    "fora": ("FORA", (("interval", True, "a whole number >= 1", None),)),
+    "fbc": ("FirstBlockCache", (("threshold", False, "a finite number >= 0", None),)),
+    "teacache": ("TeaCache", (("threshold", False, "a finite number >= 0", None),)),
+    "adaptive-deepcache": (
+        "AdaptiveDeepCache",
+        (("threshold", False, "a finite number >= 0", None), ("branch", True, "a whole number >= 0", 0)),
+    ),
+}
+
+
 def parse_schedule(text: str):
     """``deepcache:3``, ``deepcache:3:0``, ``fora:2``, ``fbc:0.15``, ``teacache:0.2`` or
-    ``adaptive-deepcache:0.05:1`` → a schedule config."""
-    from .schedules import FORA, AdaptiveDeepCache, DeepCache, FirstBlockCache, ScheduleError, TeaCache
+    ``adaptive-deepcache:0.05:1`` → a schedule config. A NaN or infinite value, a
+    fraction where a whole number is needed, or a value the config refuses (a negative
+    threshold, interval or branch) is an ``ArgumentTypeError`` naming the parameter."""
+    import math
+
+    from . import schedules
 
     parts = text.strip().lower().split(":")
     name, nums = parts[0], parts[1:]
+    spec = _SCHEDULE_PARAMS.get(name)
+    if spec is None or not 1 <= len(nums) <= len(spec[1]):
+        raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: use {_SCHEDULE_HELP}")
+    cls_name, params = spec
+    values = {}
+    for token, (param, whole, allowed, _default) in zip(nums, params):
+        try:
+            value = float(token)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid schedule {text!r}: numbers expected after ':'; use {_SCHEDULE_HELP}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(
+                f"invalid schedule {text!r}: {param} = {token.strip()} is not a finite number; {param} must be {allowed}")
+        if whole:
+            if value != int(value):
+                raise argparse.ArgumentTypeError(
+                    f"invalid schedule {text!r}: {param} = {token.strip()} is not allowed: intervals and branches are "
+                    f"whole numbers")
+            value = int(value)
+        values[param] = value
+    for param, _whole, _allowed, default in params[len(nums):]:
+        values[param] = default
     try:
-        values = [float(v) for v in nums]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: numbers expected after ':'; use {_SCHEDULE_HELP}")
-    ints = [int(v) for v in values]
-    try:
-        if name in ("deepcache", "fora") and ints != values:
-            raise ScheduleError("the interval and the branch are whole numbers")
-        if name == "deepcache" and len(values) in (1, 2):
-            return DeepCache(interval=ints[0], branch=ints[1] if len(values) == 2 else 0)
-        if name == "fora" and len(values) == 1:
-            return FORA(interval=ints[0])
-        if name == "fbc" and len(values) == 1:
-            return FirstBlockCache(values[0])
-        if name == "teacache" and len(values) == 1:
-            return TeaCache(values[0])
-        if name == "adaptive-deepcache" and len(values) in (1, 2):
-            return AdaptiveDeepCache(values[0], branch=int(values[1]) if len(values) == 2 else 0)
-    except ScheduleError as exc:
-        raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: {exc}")
-    raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: use {_SCHEDULE_HELP}")
+        return getattr(schedules, cls_name)(**values)
+    except schedules.ScheduleError as exc:
+        raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: {exc}") from None
 
 
 def _positive(text: str) -> int:
@@ -98,6 +124,18 @@ def _seeds(text: str) -> tuple[int, ...]:
     if not seeds:
         raise argparse.ArgumentTypeError("give at least one seed (e.g. 0,1,2)")
     return seeds
+
+
+def _mode(text: str) -> str:
+    """A ``torch.compile`` mode: the rule ``fxcache.compile(mode=...)`` applies."""
+    from .errors import OptionError
+    from .rewrite.compile import check_mode
+
+    try:
+        check_mode(text, what="--mode")
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _backend(value: str) -> str | None:
@@ -164,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(bench)
     bench.add_argument("--samples", type=_positive, default=16, help="batch size (default 16)")
     speed(bench, repeats=7)
-    bench.add_argument("--mode", default=None, help="torch.compile mode (with --backend inductor)")
+    bench.add_argument("--mode", type=_mode, default=None,
+                       help="torch.compile mode, with --backend inductor (default, reduce-overhead, max-autotune, ...)")
     bench.add_argument("--json", default=None, help="also write the report as JSON to this file; its folder must exist")
     return parser
 
@@ -218,10 +257,16 @@ def _compile_warning(backend: str | None) -> None:
         )
 
 
+#: kernel pseudo-filesystems: os.access lets root "write" there, but no file can be made
+_PSEUDO_FILESYSTEMS = ("/proc", "/sys")
+
+
 def _check_output(path: str, option: str, extensions: Sequence[str] | None = None) -> None:
     """Refuse, before any work, an output the command could not write at the end: its
     folder missing (never created: the same rule for every command and option) or not
-    a folder, not writable, the path a folder, or an extension outside ``extensions``."""
+    a folder, not writable (a file is created and removed there to make sure: os.access
+    says yes to root on /proc), on a kernel pseudo-filesystem, the path a folder or
+    another non-regular file, or an extension outside ``extensions``."""
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise CliError(f"{option} {path}: is a folder; give a file name inside it")
@@ -241,8 +286,42 @@ def _check_output(path: str, option: str, extensions: Sequence[str] | None = Non
         raise CliError(f"{option} {path}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
     if not os.path.isdir(parent):
         raise CliError(f"{option} {path}: {parent} is not a folder; choose a path inside an existing folder")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # the file is written beside its name and renamed over it, which would replace a device node
+        raise CliError(f"{option} {path}: is not a regular file (a device, FIFO or socket); give a file path")
     if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise CliError(f"{option} {path}: cannot write there (permission denied); choose a writable folder")
+    real = os.path.realpath(parent)
+    pseudo = next((p for p in _PSEUDO_FILESYSTEMS if real == p or real.startswith(p + os.sep)), None)
+    if pseudo is not None:
+        raise CliError(f"{option} {path}: cannot write there ({pseudo} is the kernel's pseudo-filesystem, not a place "
+                       f"for files); choose a folder on a real filesystem")
+    # os.access says yes to root almost anywhere: try it, with a file created and removed
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".fxcache-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise CliError(f"{option} {path}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
+
+
+def _check_schedule_fits(model, schedule, steps: int, labels=None) -> None:
+    """Lower ``schedule`` on the units of ``model`` (one capture of a one-sample call),
+    so that a schedule the model cannot follow (a DeepCache branch it does not have) is
+    refused before any generation runs, not after the uncached one."""
+    import torch
+
+    from .api import units as find_units
+    from .schedules import ModelFacts, lower
+
+    cfg = model.config
+    x = torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    kwargs = {} if labels is None else {"class_labels": labels[:1]}
+    with torch.no_grad():
+        unitset = find_units(model, x, torch.zeros(1, dtype=torch.long), **kwargs)
+    lower(schedule, unitset.infos(), steps, model=ModelFacts.of(unitset, type(model).__name__))
 
 
 def _plot_extensions() -> tuple[str, ...]:
@@ -284,6 +363,7 @@ def cmd_demo(args) -> int:
           f"{torch.get_num_threads()} thread(s)", flush=True)
     try:
         cached = fx_compile(model, schedule, backend=backend, forecast=args.forecast)
+        _check_schedule_fits(model, schedule, args.steps)  # before any generation: --branch 9 fails here
         with torch.no_grad():
             t0 = time.perf_counter()
             ref = _generate(model, args.steps, args.samples, args.seed, None, "uncached")
@@ -368,6 +448,9 @@ def cmd_profile(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.mode is not None and args.backend != "inductor":
+        raise CliError(f"--mode {args.mode} is a torch.compile mode of inductor; add --backend inductor "
+                       f"(with --backend {args.backend} it would be ignored)")
     if args.json:
         _check_output(args.json, "--json")
 
@@ -399,8 +482,9 @@ def cmd_bench(args) -> int:
         raise
     print(report)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        from .artefacts.store import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2))  # a failure leaves the old file
         print(f"wrote {args.json}")
     return 0
 

@@ -11,6 +11,8 @@ __all__ = [
     "CheckpointError",
     "ArtefactMismatchError",
     "ContractError",
+    "OptionError",
+    "OptionTypeError",
 ]
 
 
@@ -43,3 +45,14 @@ class ArtefactMismatchError(CheckpointError):
 class ContractError(FxcacheError):
     """A graph broke the compiler's contract (:mod:`fxcache.rewrite.contract`): an internal
     error of fxcache, raised instead of a silently wrong result."""
+
+
+class OptionError(FxcacheError, ValueError):
+    """An argument of :func:`fxcache.compile` (or of a command-line option that feeds it)
+    that is not allowed: the message names the argument, the value given and what is
+    allowed. A ``ValueError``, so code that caught the plain ``ValueError`` fxcache used
+    to raise still works."""
+
+
+class OptionTypeError(OptionError, TypeError):
+    """An :class:`OptionError` for an argument of the wrong type (also a ``TypeError``)."""

@@ -382,3 +382,146 @@ def test_compile_says_why_a_module_called_twice_is_not_a_unit():
     cm = fxcache.compile(_Twice().eval(), mask, backend=None)
     with pytest.raises(UnknownUnitError, match="called more than once in one forward"):
         cm(torch.randn(2, 4), torch.tensor(1))
+
+
+# ------------------------------------- every writer goes through a temporary file (issue 17)
+OLD = b"the previous, complete file\n"
+
+
+def _partial_then_fail(target_arg=0):
+    """A stand-in for a library writer that writes half a file to the path it is given,
+    then fails (a full disk, a killed process, an unserialisable value)."""
+
+    def writer(*args, **kwargs):
+        path = args[target_arg]
+        with open(path, "wb") as f:
+            f.write(b"half a fi")
+        raise OSError(28, "No space left on device")
+
+    return writer
+
+
+def _intact(path, folder):
+    assert path.read_bytes() == OLD, "a failed write truncated or replaced the existing file"
+    assert sorted(p.name for p in folder.iterdir()) == [path.name], "a temporary file was left behind"
+
+
+def test_atomic_path_moves_into_place_only_on_success(tmp_path):
+    from fxcache.artefacts.store import atomic_path, write_text_atomic
+
+    path = tmp_path / "x.png"
+    path.write_bytes(OLD)
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            assert tmp.endswith(".png") and tmp != str(path) and str(tmp_path) in tmp  # same folder, same extension
+            open(tmp, "wb").write(b"half")
+            raise RuntimeError("interrupted")
+    _intact(path, tmp_path)
+    assert write_text_atomic(path, "new\n") == str(path)
+    assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_atomic_path_writes_through_a_symlink(tmp_path):
+    from fxcache.artefacts.store import write_text_atomic
+
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_bytes(OLD)
+    link.symlink_to(target)
+    write_text_atomic(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+
+
+def test_mask_save_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
+    """The README promises a temporary file and a rename; Mask.save opened the file for
+    writing (truncating it) before the JSON was made."""
+    path = tmp_path / "mask.json"
+    path.write_bytes(OLD)
+    mask = Mask([[True, False]], ("a", "b"), periodic=True)
+
+    def boom(self, indent=None):
+        raise ValueError("not serialisable")
+
+    monkeypatch.setattr(Mask, "to_json", boom)
+    with pytest.raises(ValueError):
+        mask.save(path)
+    _intact(path, tmp_path)
+    monkeypatch.undo()
+    assert Mask.load(mask.save(path)) == mask
+
+
+@pytest.mark.parametrize("what", ["profile", "scale_shift"])
+def test_artefact_save_that_fails_leaves_the_old_file(what, tmp_path, monkeypatch):
+    import safetensors.numpy
+    import safetensors.torch
+
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(OLD)
+    monkeypatch.setattr(safetensors.numpy, "save_file", _partial_then_fail(1))
+    monkeypatch.setattr(safetensors.torch, "save_file", _partial_then_fail(1))
+    obj = _profile() if what == "profile" else _adapters()
+    with pytest.raises(OSError):
+        obj.save(path)
+    _intact(path, tmp_path)
+
+
+def test_profile_plot_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "p.png"
+    path.write_bytes(OLD)
+    monkeypatch.setattr(Figure, "savefig", lambda self, fname, **kw: _partial_then_fail()(fname))
+    with pytest.raises(OSError):
+        _profile().plot(path)
+    _intact(path, tmp_path)
+
+
+def test_scale_shift_loss_plot_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from fxcache.calibrate import scale_shift
+
+    path = tmp_path / "loss.png"
+    path.write_bytes(OLD)
+    monkeypatch.setattr(FigureCanvasAgg, "print_png", lambda self, fname, **kw: _partial_then_fail()(fname))
+    with pytest.raises(OSError):
+        scale_shift._plot_losses([1.0, 0.5], path, "t")
+    _intact(path, tmp_path)
+
+
+def test_demo_image_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fxcache.evaluation.render import save_side_by_side
+
+    path = tmp_path / "demo.png"
+    path.write_bytes(OLD)
+    monkeypatch.setattr(Image.Image, "save", lambda self, fp, *a, **kw: _partial_then_fail()(fp))
+    with pytest.raises(OSError):
+        save_side_by_side(str(path), [torch.zeros(1, 1, 4, 4)], ["t"])
+    _intact(path, tmp_path)
+    monkeypatch.undo()
+    save_side_by_side(str(path), [torch.zeros(1, 1, 4, 4)], ["t"])
+    assert Image.open(path).format == "PNG"  # the format still follows the name's extension
+
+
+def test_cli_bench_json_that_fails_leaves_the_old_file(tmp_path, monkeypatch, capsys):
+    """``fxcache bench --json`` streamed json.dump into the opened file: a value it cannot
+    encode left half a report."""
+    from fxcache import cli
+    from fxcache.evaluation import speed
+
+    class Report:
+        def __str__(self):
+            return "report"
+
+        def to_dict(self):
+            return {"schedule": "x", "measured_speedup": 1.0, "bad": object()}
+
+    monkeypatch.setattr(speed, "measure_speedup", lambda *a, **k: Report())
+    path = tmp_path / "r.json"
+    path.write_bytes(OLD)
+    with pytest.raises(TypeError):
+        cli.main(["bench", "--model", "unet", "--steps", "1", "--samples", "1", "--repeats", "1", "--json", str(path)])
+    _intact(path, tmp_path)

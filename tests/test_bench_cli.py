@@ -229,6 +229,55 @@ def test_parse_schedule():
             cli.parse_schedule(bad)
 
 
+@pytest.mark.parametrize(
+    "text, param",
+    [
+        ("fbc:nan", "threshold"), ("fbc:inf", "threshold"), ("fbc:-inf", "threshold"), ("fbc:1e400", "threshold"),
+        ("teacache:nan", "threshold"), ("teacache:Infinity", "threshold"),
+        ("fora:nan", "interval"), ("fora:inf", "interval"), ("fora:1e400", "interval"),
+        ("deepcache:nan", "interval"), ("deepcache:inf:0", "interval"), ("deepcache:3:nan", "branch"),
+        ("deepcache:3:inf", "branch"), ("adaptive-deepcache:nan", "threshold"),
+        ("adaptive-deepcache:inf:1", "threshold"), ("adaptive-deepcache:0.1:nan", "branch"),
+    ],
+)
+def test_parse_schedule_refuses_nan_and_inf_naming_the_parameter(text, param):
+    """NaN and infinite values are refused in one clear line naming the parameter (not
+    argparse's 'invalid parse_schedule value', nor an OverflowError traceback)."""
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        cli.parse_schedule(text)
+    msg = str(info.value)
+    assert msg.startswith(f"invalid schedule {text!r}: {param} = ") and "finite" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("fbc:-0.1", "FirstBlockCache.threshold = -0.1"), ("teacache:-1", "TeaCache.threshold = -1.0"),
+        ("fora:-2", "FORA.interval = -2"), ("fora:0", "FORA.interval = 0"), ("deepcache:-3", "DeepCache.interval = -3"),
+        ("deepcache:3:-1", "DeepCache.branch = -1"), ("adaptive-deepcache:-0.1", "AdaptiveDeepCache.threshold = -0.1"),
+        ("adaptive-deepcache:0.1:-1", "AdaptiveDeepCache.branch = -1"),
+    ],
+)
+def test_parse_schedule_refuses_negative_values_naming_the_field(text, field):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"invalid schedule {text!r}: {field} is not allowed"):
+        cli.parse_schedule(text)
+
+
+def test_parse_schedule_branch_of_adaptive_deepcache_is_a_whole_number():
+    """It was truncated (0.1:1.5 gave branch 1) while deepcache:3:0.5 was refused."""
+    with pytest.raises(argparse.ArgumentTypeError, match="whole numbers"):
+        cli.parse_schedule("adaptive-deepcache:0.1:1.5")
+
+
+@pytest.mark.parametrize("text", ["fbc:nan", "fora:inf", "deepcache:3:nan"])
+def test_cli_nan_schedule_is_one_clear_line(text, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--model", "unet", "--schedule", text])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid parse_schedule value" not in err and "finite" in err and "Traceback" not in err
+
+
 def test_cli_bench_adaptive_with_forecast(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert cli.main(["bench", "--model", "dit", "--schedule", "fbc:0.15", "--forecast", "1", "--steps", "4",
@@ -365,6 +414,85 @@ def test_cli_output_into_read_only_folder_is_refused_before_work(tmp_path, capsy
         assert "cannot write" in _one_line_error(capsys, "bench")
     finally:
         ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("folder", ["/proc", "/sys", "/proc/self"])
+@pytest.mark.parametrize(
+    "command, argv",
+    [
+        ("demo", ["demo", "--steps", "1", "--samples", "1", "--no-bench", "--out", "{folder}/demo.png"]),
+        ("profile", ["profile", "--model", "unet", "--steps", "1", "--samples", "1", "--seeds", "0",
+                     "--out", "{folder}/p.safetensors"]),
+        ("bench", ["bench", "--model", "unet", "--steps", "1", "--samples", "1", "--repeats", "1",
+                   "--json", "{folder}/r.json"]),
+    ],
+)
+def test_cli_output_on_a_pseudo_filesystem_is_refused_before_work(folder, command, argv, capsys, no_model_work):
+    """/proc and /sys pass os.access as root but hold no files: refused in one line before
+    any work, not a traceback after the whole run."""
+    if not os.path.isdir(folder):
+        pytest.skip(f"no {folder} here")
+    assert cli.main([a.format(folder=folder) for a in argv]) == 2
+    err = _one_line_error(capsys, command)
+    assert folder in err and "cannot write" in err
+
+
+def test_cli_output_that_is_not_a_regular_file_is_refused_before_work(capsys, no_model_work):
+    """Writing goes through a temporary file and a rename, which would replace a device
+    node: an existing target that is not a regular file is refused."""
+    if not os.path.exists(os.devnull) or os.path.isfile(os.devnull):
+        pytest.skip("no device node to try")
+    assert cli.main(["bench", "--model", "unet", "--json", os.devnull]) == 2
+    err = _one_line_error(capsys, "bench")
+    assert os.devnull in err and "not a regular file" in err
+    assert not os.path.isfile(os.devnull)
+
+
+def test_cli_output_folder_where_no_file_can_be_created_is_refused(tmp_path, capsys, monkeypatch, no_model_work):
+    """The folder is tried by creating and removing a file in it, whatever os.access says."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert cli.main(["bench", "--model", "unet", "--json", str(tmp_path / "r.json")]) == 2
+    err = _one_line_error(capsys, "bench")
+    assert "cannot write" in err and "Read-only file system" in err
+
+
+@pytest.mark.parametrize("mode", ["bogus", "Default", ""])
+def test_cli_bench_bad_mode_is_refused_before_work(mode, capsys, no_model_work):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--model", "unet", "--backend", "inductor", "--mode", mode])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--mode" in err and "reduce-overhead" in err
+
+
+def test_cli_bench_mode_without_inductor_is_refused_before_work(capsys, no_model_work):
+    """--mode is a torch.compile mode: with --backend none nothing is compiled and it used
+    to be ignored without a word."""
+    assert cli.main(["bench", "--model", "unet", "--mode", "max-autotune"]) == 2
+    err = _one_line_error(capsys, "bench")
+    assert "--mode" in err and "--backend inductor" in err
+
+
+@pytest.mark.skipif(not _has_model("unet"), reason="the embedded trained U-Net is not present")
+def test_cli_demo_bad_branch_is_refused_before_any_generation(tmp_path, capsys, monkeypatch):
+    """--branch is checked against the model's skip branches before the uncached (or
+    any) generation runs."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a generation ran before --branch was checked")
+
+    monkeypatch.setattr(cli, "_generate", refuse)
+    code = cli.main(["demo", "--steps", "2", "--samples", "1", "--branch", "9", "--no-bench",
+                     "--out", str(tmp_path / "x.png")])
+    assert code == 2
+    err = _one_line_error(capsys, "demo")
+    assert "9" in err and "branch" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_profile_plot_without_matplotlib_is_refused_before_work(tmp_path, capsys, monkeypatch, no_model_work):

@@ -292,3 +292,14 @@ def test_set_attention_backend_is_guarded():
     got = _outs(T, m, 2)
     assert fxcache.engine_of(m).captures == 2
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_a_python_number_timestep_on_an_enabled_unet():
+    """The number-timestep probe runs the model's forward: attached in place, that is the
+    class's forward, not the engine again."""
+    T = tiny("unet2d")
+    args, _ = T.inputs(T.timesteps[0])
+    with torch.no_grad():
+        ref = T.model(args[0], 500.7).sample
+        fxcache.enable(T.model, _full_mask(T), **EAGER)
+        assert torch.equal(T.model(args[0], 500.7).sample, ref)

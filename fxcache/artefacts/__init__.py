@@ -15,12 +15,14 @@ from .store import (
     SCALE_SHIFT_VERSION,
     Artefact,
     adapter_key,
+    atomic_path,
     check_trained_table,
     describe_schedule,
     feature_channels,
     read_artefact,
     read_scale_shift,
     write_artefact,
+    write_text_atomic,
 )
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "Artefact",
     "read_artefact",
     "write_artefact",
+    "atomic_path",
+    "write_text_atomic",
     "read_scale_shift",
     "check_trained_table",
     "describe_schedule",

@@ -327,5 +327,8 @@ class Profile:
             parent = os.path.dirname(path)
             if parent:
                 os.makedirs(parent, exist_ok=True)
-            fig.savefig(path, dpi=120)
+            from .store import atomic_path
+
+            with atomic_path(path) as tmp:  # the format follows the extension, which tmp keeps
+                fig.savefig(tmp, dpi=120)
         return fig

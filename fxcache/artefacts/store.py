@@ -22,10 +22,12 @@ below the schedules, the rewrite and calibration, which all read them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..errors import ArtefactMismatchError, CheckpointError
 
@@ -33,6 +35,8 @@ __all__ = [
     "Artefact",
     "read_artefact",
     "write_artefact",
+    "atomic_path",
+    "write_text_atomic",
     "read_scale_shift",
     "check_trained_table",
     "describe_schedule",
@@ -167,10 +171,47 @@ def read_artefact(
     return art
 
 
+@contextlib.contextmanager
+def atomic_path(path: Any) -> Iterator[str]:
+    """A temporary path to write instead of ``path``: in the same folder (so the final
+    ``os.replace`` stays on one filesystem and is atomic) with the same extension (so a
+    writer that picks the format from the name, PIL or matplotlib, still does). When the
+    block ends without error the file is flushed to disk and moved onto ``path``;
+    otherwise it is removed. A failed write leaves the previous file as it was (or no
+    file), never a truncated one. A symbolic link is written through (its target is
+    replaced, the link stays). The folder must exist."""
+    path = os.fspath(path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    folder, name = os.path.split(path)
+    root, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{root}.{os.getpid()}-{threading.get_ident()}.tmp{ext}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path: Any, text: str, encoding: str = "utf-8") -> str:
+    """Write ``text`` to ``path`` through :func:`atomic_path`; returns the path as given."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding=encoding) as f:
+            f.write(text)
+    return os.fspath(path)
+
+
 def write_artefact(path: Any, *, key: str, header: dict, tensors: Mapping[str, Any], framework: str = "np") -> str:
     """Write ``tensors`` (numpy arrays or torch tensors, per ``framework``) and ``header``
     as JSON under metadata ``key``; parent folders are created. The file is written
-    beside its final name and moved into place, so a failed write leaves no truncated file."""
+    beside its final name and moved into place (:func:`atomic_path`), so a failed write
+    leaves no truncated file."""
     if framework == "pt":
         from safetensors.torch import save_file
     else:
@@ -180,13 +221,8 @@ def write_artefact(path: Any, *, key: str, header: dict, tensors: Mapping[str, A
     if parent:
         os.makedirs(parent, exist_ok=True)
     text = json.dumps(header)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         save_file(dict(tensors), tmp, metadata={key: text})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

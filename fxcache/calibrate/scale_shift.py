@@ -366,7 +366,10 @@ def _plot_losses(losses: Sequence[float], path: str | os.PathLike, title: str) -
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    canvas.print_png(path)
+    from ..artefacts.store import atomic_path
+
+    with atomic_path(path) as tmp:
+        canvas.print_png(tmp)
 
 
 def train_scale_shift(

@@ -321,7 +321,9 @@ def _write_spread(text: str, num_samples: int, command: str) -> None:
             sections[int(head)] = chunk.rstrip("\n")
     sections[num_samples] = f"{num_samples} generated samples (``{command}``):\n\n{text}"
     block = "\n\n".join(f"N = {sections[k]}" for k in sorted(sections))
-    path.write_text(src[:begin] + block + "\n\n" + src[end:])
+    from ..artefacts.store import write_text_atomic
+
+    write_text_atomic(path, src[:begin] + block + "\n\n" + src[end:])  # never half a module
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

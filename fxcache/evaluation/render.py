@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 __all__ = ["IMAGE_EXTENSIONS", "grid", "image_extensions", "save_side_by_side"]
@@ -64,4 +65,8 @@ def save_side_by_side(path: str, panels, titles: Sequence[str], footer: str = ""
         x0 += g.width + gap
     if footer:
         draw.text((4, out.height - bottom + 5), footer, fill="black")
-    out.save(path)
+    from ..artefacts.store import atomic_path
+
+    fmt = Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower())
+    with atomic_path(path) as tmp:  # a failed write leaves the previous image
+        out.save(tmp, format=fmt)

@@ -27,12 +27,98 @@ kind per step), graphs are compiled per segment instead (:mod:`.segments`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..errors import OptionError, OptionTypeError
 from . import contract
 from .segments import build_segments
 
-__all__ = ["build_programs", "compile_graph"]
+__all__ = ["build_programs", "compile_graph", "COMPILE_MODES", "check_backend", "check_mode", "check_options"]
+
+#: ``torch.compile``'s documented modes; :func:`compile_modes` adds any other mode the
+#: installed inductor lists (``torch._inductor.list_mode_options()``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_modes() -> tuple[str, ...]:
+    """The modes ``torch.compile`` accepts with this torch: the documented four and any
+    other that inductor lists."""
+    try:
+        import torch._inductor
+
+        extra = tuple(m for m in torch._inductor.list_mode_options() if m not in COMPILE_MODES)
+    except Exception:  # pragma: no cover - an inductor without list_mode_options
+        extra = ()
+    return COMPILE_MODES + extra
+
+
+def compile_backends() -> list[str]:
+    """Every backend name ``torch.compile`` knows (registered ones included)."""
+    import torch._dynamo
+
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))
+
+
+def check_backend(backend: Any, what: str = "backend") -> None:
+    """``backend`` is None (eager FX graphs), a name ``torch.compile`` knows, or a
+    callable backend; otherwise an :class:`~fxcache.errors.OptionError` naming it."""
+    if backend is None or callable(backend):
+        return
+    if not isinstance(backend, str):
+        raise OptionTypeError(
+            f"{what} = {backend!r} ({type(backend).__name__}) is not allowed; {what} must be None (run the graphs "
+            f"eagerly), the name of a torch.compile backend or a callable backend"
+        )
+    names = compile_backends()
+    if backend not in names:
+        raise OptionError(
+            f"{what} = {backend!r} is not a torch.compile backend; use None (run the graphs eagerly) or one of "
+            f"{names} (torch._dynamo.list_backends(exclude_tags=())), or pass a callable backend"
+        )
+
+
+def check_mode(mode: Any, what: str = "mode") -> None:
+    """``mode`` is None or one of ``torch.compile``'s modes."""
+    if mode is None:
+        return
+    modes = compile_modes()
+    if not isinstance(mode, str) or mode not in modes:
+        cls = OptionError if isinstance(mode, str) else OptionTypeError
+        raise cls(f"{what} = {mode!r} is not a torch.compile mode; use None or one of {list(modes)}")
+
+
+def check_options(options: Any, backend: Any, what: str = "options") -> None:
+    """``options`` is None or a dict with string keys; for inductor, every key must be
+    one of inductor's options (``torch._inductor.list_options()``), which ``torch.compile``
+    would otherwise refuse only at the first call."""
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise OptionTypeError(
+            f"{what} = {options!r} ({type(options).__name__}) is not allowed; {what} must be None or a dict of "
+            f"torch.compile options, e.g. {{'max_autotune': True}}"
+        )
+    bad = [k for k in options if not isinstance(k, str)]
+    if bad:
+        raise OptionTypeError(
+            f"{what} = {options!r} has the key {bad[0]!r}; the keys of {what} must be option names (str)"
+        )
+    if backend == "inductor":
+        import torch._inductor
+
+        known = set(torch._inductor.list_options())
+        unknown = sorted(k for k in options if k not in known)
+        if unknown:
+            import difflib
+
+            close = sorted({c for k in unknown for c in difflib.get_close_matches(k, sorted(known), n=3)})
+            raise OptionError(
+                f"{what} = {options!r}: {unknown} are not inductor options"
+                + (f" (close: {close})" if close else "")
+                + "; torch._inductor.list_options() lists them"
+            )
 
 
 class _KindProgram:

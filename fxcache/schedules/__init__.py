@@ -42,6 +42,7 @@ and one module per method: ``deepcache``, ``fora``, ``block_cache``, ``learned_m
 from ._validate import ScheduleError, UnknownUnitError, select_units
 from .registry import (
     ModelFacts,
+    check_schedule,
     lower,
     register_check,
     register_lowering,
@@ -69,6 +70,7 @@ __all__ = [
     "BlockCache",
     "LearnedMask",
     "lower",
+    "check_schedule",
     "register_lowering",
     "registered_schedules",
     "schedule_from_dict",

@@ -192,10 +192,9 @@ class Mask(_Config):
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json(indent=1))
-            f.write("\n")
-        return path
+        from ..artefacts.store import write_text_atomic
+
+        return write_text_atomic(path, self.to_json(indent=1) + "\n")  # a failed write leaves the old file
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Mask":

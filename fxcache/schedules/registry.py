@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ModelFacts",
     "lower",
+    "check_schedule",
     "to_plan",
     "register_lowering",
     "register_check",
@@ -145,6 +146,19 @@ def _dispatch(table: dict, schedule: Any):
     return next((table[c] for c in type(schedule).__mro__ if c in table), None)
 
 
+def check_schedule(schedule: Any) -> Callable:
+    """The lowering of ``schedule``, or a :class:`ScheduleError` when it is not a schedule
+    (no lowering is registered for its type): what ``fxcache.compile`` checks up front."""
+    fn = _dispatch(_LOWERINGS, schedule)
+    if fn is None:
+        raise ScheduleError(
+            f"schedule = {schedule!r} of type {type(schedule).__name__} has no lowering; "
+            f"allowed schedule types: {list(registered_schedules())} (register new ones with "
+            f"@fxcache.schedules.register_lowering(YourConfig))"
+        )
+    return fn
+
+
 def lower(
     schedule: Any, units: Sequence[UnitInfo], num_steps: int | None = None, *, model: ModelFacts | None = None
 ) -> "Mask":
@@ -159,13 +173,7 @@ def lower(
     """
     from .mask import Mask
 
-    fn = _dispatch(_LOWERINGS, schedule)
-    if fn is None:
-        raise ScheduleError(
-            f"schedule = {schedule!r} of type {type(schedule).__name__} has no lowering; "
-            f"allowed schedule types: {list(registered_schedules())} (register new ones with "
-            f"@fxcache.schedules.register_lowering(YourConfig))"
-        )
+    fn = check_schedule(schedule)
     infos = _units_seq(units)
     steps = _check_num_steps(num_steps)
     if model is not None:
