@@ -18,6 +18,7 @@ from .runtime import CachedModel, CompileOptions, engine_of
 from .runtime import attach as _attach
 from .runtime import detach as _detach
 from .runtime.build import prepare
+from .runtime.pipeline import CallStart
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibrate.scale_shift import ScaleShift
@@ -185,31 +186,15 @@ def _denoisers(pipe, denoiser: str | None) -> list[str]:
     return [first] + [a for a in _SECOND_DENOISERS if isinstance(getattr(pipe, a, None), torch.nn.Module)]
 
 
-class _CallStart:
-    """Put on a pipeline as ``progress_bar``: every diffusers pipeline opens its progress
-    bar once per call, before its first denoising step, so each call starts a new
-    generation of its cached denoisers, even after a call that was interrupted (the
-    pipeline's own ``_reset_stateful_cache`` at the end of a call is skipped then)."""
-
-    def __init__(self, pipe, names):
-        self.pipe = pipe
-        self.names = tuple(names)
-
-    def __call__(self, *args, **kwargs):
-        for name in self.names:
-            engine = engine_of(getattr(self.pipe, name, None))
-            if engine is not None:
-                engine.reset()
-        return type(self.pipe).progress_bar(self.pipe, *args, **kwargs)
-
-
 def enable(target: Any, schedule: Schedule, *, denoiser: str | None = None, **options: Any) -> Any:
     """Attach caching in place (as ``nn.Module.compile()`` and diffusers' ``enable_cache``):
     the model keeps its class, names, ``state_dict`` keys and hooks, and pickles.
 
     A pipeline: its denoiser (``unet``/``transformer``/..., with ``transformer_2`` where
-    there is one, or ``denoiser=``) is cached in place and every pipeline call starts a
-    new generation; returns the pipeline. A model: returns the model itself.
+    there is one, or ``denoiser=``) is cached in place; every pipeline call starts a
+    new generation, and the pipeline's scheduler says which denoising step each model
+    call belongs to (:mod:`fxcache.runtime.pipeline`); returns the pipeline. A model:
+    returns the model itself.
     ``options`` are ``fxcache.compile``'s. :func:`engine_of` gives the plan and the
     decisions; :func:`disable` detaches. A ``CachedModel`` wrapper given here (or found
     in the pipeline) is replaced by its model."""
@@ -217,13 +202,17 @@ def enable(target: Any, schedule: Schedule, *, denoiser: str | None = None, **op
     opts = _options(**options)
     if _is_pipeline(target):
         names = _denoisers(target, denoiser)
+        engines = []
         for name in names:
             model = getattr(target, name)
             if isinstance(model, CachedModel):
                 model = model.model
                 setattr(target, name, model)
-            _attach(model, schedule, opts)
-        target.__dict__["progress_bar"] = _CallStart(target, names)
+            engines.append(_attach(model, schedule, opts))
+        old = target.__dict__.get("progress_bar")
+        if isinstance(old, CallStart):
+            old.remove()
+        target.__dict__["progress_bar"] = CallStart(target, names, engines)
         return target
     if isinstance(target, CachedModel):
         target = target.model
@@ -243,8 +232,11 @@ def disable(target: Any) -> Any:
     if isinstance(target, CachedModel):
         return target.model
     if _is_pipeline(target):
-        hook = target.__dict__.pop("progress_bar", None)
-        names = hook.names if isinstance(hook, _CallStart) else _DENOISER_ATTRS + _SECOND_DENOISERS
+        hook = target.__dict__.get("progress_bar")
+        if isinstance(hook, CallStart):
+            hook.remove()
+            del target.__dict__["progress_bar"]
+        names = hook.names if isinstance(hook, CallStart) else _DENOISER_ATTRS + _SECOND_DENOISERS
         for name in names:
             comp = getattr(target, name, None)
             if isinstance(comp, CachedModel):

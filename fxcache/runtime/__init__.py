@@ -19,6 +19,11 @@ slot stale). When the kind of the current step would read a slot that is not val
 jumped), the step runs the *repair* graph instead: everything computed, every slot
 written. No device sync: this is bookkeeping on Python sets.
 
+**Attached to a pipeline** (``fxcache.enable(pipe)``, :mod:`fxcache.runtime.pipeline`):
+each pipeline call starts a generation, and the step of a model call is the pipeline's
+denoising step (``scheduler.step`` calls // ``scheduler.order``); the rules below do not
+apply while a pipeline call is in progress.
+
 **When does a new generation start?** (checked in this order; the first that applies wins)
 
 1. ``reset()``, entering ``with model.generation():``, ``_reset_stateful_cache()``
@@ -26,7 +31,8 @@ written. No device sync: this is bookkeeping on Python sets.
    ``maybe_free_model_hooks()``), or a pipeline call prepared with
    :func:`fxcache.attach`;
 2. ``cache_context(name, step_index=i)`` (diffusers' keyword): step ``i`` is used as
-   given, and ``i == 0`` starts a new generation;
+   given, ``i == 0`` starts a new generation, and the timestep rule does not apply to
+   the calls inside;
 3. the timestep (option ``timestep_rule``, default ``"auto"``):
 
    - readable without a device sync (a CPU tensor or a Python number): a generation's
@@ -96,10 +102,10 @@ The per-step path does no logging and no device-to-host synchronisation.
 from __future__ import annotations
 
 from .cached import CachedModel
-from .engine import Engine
+from .engine import Engine, PlanLengthError
 from .inplace import attach, detach, engine_of
 from .options import CompileOptions, UnsupportedCallError
 from .state import Decisions
 
-__all__ = ["CachedModel", "CompileOptions", "Decisions", "Engine", "UnsupportedCallError", "attach", "detach",
+__all__ = ["CachedModel", "CompileOptions", "Decisions", "Engine", "PlanLengthError", "UnsupportedCallError", "attach", "detach",
            "engine_of"]

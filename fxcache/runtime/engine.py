@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..capture import flatten_call, signature_of
-from ..plan import Plan
+from ..plan import Plan, PlanError
 from ..rewrite.adaptive import DECISION as STATE_DECISION
 from ..rewrite.step_graphs import FORECAST_SLOT, forecast_weights
 from .build import Entry, build_entry, prepare
@@ -26,7 +26,11 @@ from .guards import foreign_hooks, snapshot
 from .options import TIMESTEP_RULES, CompileOptions, UnsupportedCallError
 from .state import Decider, GenerationState, ThreadStates, apply_timestep_rule
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "PlanLengthError"]
+
+
+class PlanLengthError(PlanError):
+    """A generation of another length than the non-periodic plan's table."""
 
 
 class Engine:
@@ -59,6 +63,10 @@ class Engine:
         self._foreign = False
         self._timestep_indices: dict = {}  # call structure (TreeSpec) -> flat index of the timestep
         self.captures = 0  # how many times the model was captured (a guard that failed captures again)
+        self.step_source = None  # a pipeline's StepSource (runtime/pipeline.py), set at each pipeline call
+        self._restarts = 0
+        self._warned_restarts = False
+        self._warned_prefix = False
         self.scale_shift_adapters = None
 
     _KEEP = ("model", "schedule", "options", "fallback", "enabled")
@@ -151,17 +159,20 @@ class Engine:
         local = self._local
         previous = local.context
         local.context = name
+        given = local.step_given
         if step_index is not None:
             state = self._state()
             step_index = int(step_index)
             if step_index == 0 or step_index < state.step:
                 state.new_generation()
             state.step = step_index
+            local.step_given = True  # the calls inside run this step: no timestep rule overrides it
         with own_ctx:
             try:
                 yield
             finally:
                 local.context = previous
+                local.step_given = given
 
     def _state(self) -> GenerationState:
         local = self._local
@@ -234,6 +245,46 @@ class Engine:
         self.scale_shift_adapters = entry.adapter_module
         return entry
 
+    def _check_length(self, plan: Plan, state: GenerationState, source) -> None:
+        """A non-periodic plan is a table for ``plan.num_steps`` steps; it is never run as a
+        prefix of itself. Attached to a pipeline, the call's number of denoising steps is
+        known before its first step: another length is a :class:`PlanLengthError`. A bare
+        model's generation that ended early is only known afterwards: warned, once."""
+        if source is not None and source.total is not None and source.total != plan.num_steps:
+            raise PlanLengthError(
+                f"the plan of {type(self.model).__name__} is a table for {plan.num_steps} denoising steps, and this "
+                f"pipeline call runs {source.total}: running the first {min(source.total, plan.num_steps)} rows "
+                f"of it would not be the schedule. Build the schedule for {source.total} steps (num_steps="
+                f"{source.total}, or a profile/mask made at that length), or call the pipeline with "
+                f"num_inference_steps={plan.num_steps}"
+            )
+        ended, state.ended_at = state.ended_at, None
+        if ended is not None and 0 < ended < plan.num_steps and not self._warned_prefix:
+            self._warned_prefix = True
+            warnings.warn(
+                f"a generation of {type(self.model).__name__} ended after {ended} of its plan's {plan.num_steps} "
+                f"steps: it ran the first {ended} rows of a table made for {plan.num_steps} steps, which is not "
+                f"that schedule at {ended} steps. Build the schedule for the number of steps you run",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _note_restart(self) -> None:
+        """A bare model whose every call starts a new generation never reuses anything:
+        warned once, after three such calls in a row (Heun-like schedulers call the model
+        twice per timestep; a loop may pass equal timesteps)."""
+        self._restarts += 1
+        if self._restarts == 3 and not self._warned_restarts:
+            self._warned_restarts = True
+            warnings.warn(
+                f"caching saved nothing: the last 3 calls of {type(self.model).__name__} each started a new "
+                f"generation (the timestep did not move on). Attach to the pipeline (fxcache.enable(pipe, ...)), "
+                f"pass cache_context(name, step_index=i), or compile(..., repeated_timesteps=True) for schedulers "
+                f"that call the model twice per timestep",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
     def _cache_buffers(self, state: GenerationState, signature: tuple, entry: Entry, device: torch.device) -> dict:
         held = state.buffers.get(signature)
         if held is not None and held[0] == entry.uid:
@@ -270,7 +321,14 @@ class Engine:
         ti = self._timestep_indices.get(spec, -1)
         if ti == -1:
             ti = self._timestep_indices[spec] = self._timestep_index(*pytree.tree_unflatten(flat, spec))
-        if ti is not None:
+        source = self.step_source
+        if source is not None and source.active:
+            # attached to a pipeline: its scheduler says which denoising step this is
+            if state.source_generation != source.generation:
+                state.new_generation()
+                state.source_generation = source.generation
+            state.step = source.step
+        elif ti is not None and not local.step_given:
             apply_timestep_rule(state, flat[ti], self.options.timestep_rule, self.options.repeated_timesteps)
         if state.new:
             self._check_model()
@@ -305,6 +363,12 @@ class Engine:
             state.forget()
         plan = entry.plan
         step = state.step
+        if not plan.periodic:
+            self._check_length(plan, state, source if source is not None and source.active else None)
+        elif state.ended_at is not None:
+            state.ended_at = None
+        if step == 0 and state.new and not (source is not None and source.active):
+            self._note_restart()
         if not plan.periodic and step >= plan.num_steps:
             kind = None
             if not self._warned_overrun:
@@ -338,6 +402,8 @@ class Engine:
                 self._adaptive_after(state, entry, signature, bufs, kind, step)
         if self.options.forecast:
             self._forecast_after(state, entry, kind, step)
+        if step > 0:
+            self._restarts = 0
         state.step = step + 1
         state.new = False
         return pytree.tree_unflatten(list(out), entry.captured.out_spec)
@@ -374,7 +440,9 @@ class Engine:
         graph = entry.repair_graph if kind is None else entry.solved.graphs[kind]
         for u in entry.plan.units:
             if u in graph.writes:
-                state.computed_at[u] = [step, *state.computed_at.get(u, [])][: order + 1]
+                # a second call at the same denoising step (Heun's corrector) replaces that point
+                history = [s for s in state.computed_at.get(u, []) if s != step]
+                state.computed_at[u] = [step, *history][: order + 1]
             elif u not in graph.reused:
                 state.computed_at.pop(u, None)
 
@@ -390,6 +458,11 @@ class Engine:
         if d is None:
             d = state.decider = Decider()
         key = (entry.uid, signature)
+        if d.pending == step and d.key == key and d.kind is not None:
+            # a second call at the same denoising step (Heun's corrector) runs that step's kind
+            if d.kind == a.full_kind or entry.kind_reads[d.kind] <= state.valid:
+                return d.kind
+            return a.full_kind
         reuse_ok = False
         if d.pending is not None and d.pending == step - 1 and d.key == key:
             stat, reuse_ok = d.read()
@@ -408,10 +481,13 @@ class Engine:
         a = entry.adaptive
         d = state.decider
         full = kind != a.reuse_kind
-        d.computed.append(full)
-        d.run = 0 if full else d.run + 1
+        if d.pending == step and d.key == (entry.uid, signature):
+            d.computed[-1] = d.computed[-1] and full  # the same step again: one record, the latest decision
+        else:
+            d.computed.append(full)
+            d.run = 0 if full else d.run + 1
         d.write(bufs[STATE_DECISION])
-        d.pending, d.key = step, (entry.uid, signature)
+        d.pending, d.key, d.kind = step, (entry.uid, signature), kind
 
     def decisions(self) -> dict:
         """Per cache context of the calling thread (``None``: no context), the record of the

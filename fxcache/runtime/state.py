@@ -29,6 +29,8 @@ class GenerationState:
     buffers: dict = field(default_factory=dict)  # signature -> (entry uid, {(unit, k): tensor})
     decider: Any = None  # _Decider: the host side of adaptive plans
     computed_at: dict = field(default_factory=dict)  # forecasting: unit -> steps it was written, newest first
+    ended_at: int | None = None  # the length of the generation that ended last (not yet checked)
+    source_generation: int = 0  # the pipeline call (StepSource.generation) this state follows
 
     def forget(self) -> None:
         """No slot holds a value of this generation (for ``signature``)."""
@@ -36,6 +38,8 @@ class GenerationState:
         self.computed_at = {}
 
     def new_generation(self) -> None:
+        if not self.new:
+            self.ended_at = self.step  # how many steps the generation that ends here ran
         self.step = 0
         self.last_t = None
         self.direction = 0
@@ -66,6 +70,7 @@ class Decider:
     def __init__(self):
         self.key = None  # (entry uid, signature) of the pending decision
         self.pending: int | None = None  # the step whose decision the host copy holds
+        self.kind = None  # the kind that step ran
         self.host = None
         self.host_np = None
         self.event = None
@@ -79,7 +84,7 @@ class Decider:
             self.last = (self.computed, self.stats, self.host, self.host_np, self.event, self.pending)
             self.host = self.host_np = self.event = None  # the previous generation keeps its host copy
         self.computed, self.stats = [], []
-        self.pending, self.key, self.run = None, None, 0
+        self.pending, self.key, self.run, self.kind = None, None, 0, None
 
     def read(self) -> tuple[float, bool]:
         if self.event is not None:
@@ -123,6 +128,7 @@ class ThreadStates(threading.local):
         self.context: str | None = None
         self.states: dict = {}
         self.busy = False  # inside fxcache's own work (capture, a fallback call): calls run the model as written
+        self.step_given = False  # inside cache_context(step_index=i): the step is given, no timestep rule
 
 
 def apply_timestep_rule(state: GenerationState, t: Any, rule: str, repeated: bool) -> None:
