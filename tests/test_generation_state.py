@@ -558,3 +558,17 @@ def test_numpy_scalar_timesteps_work_as_with_the_plain_model(kind):
             if i == 0:
                 assert torch.equal(out, T.model(x, t).sample)
         assert cm.step == 3 and len(cm.entries) == 1  # one signature: the value is not baked in
+
+
+def test_buffers_are_kept_only_for_the_shapes_kept():
+    """``max_shapes=1``: the buffers of an evicted input shape are dropped with its graphs
+    (every batch size seen used to keep its own buffer set)."""
+    model = _toy()
+    cm = fxcache.compile(model, TOY_MASK, max_shapes=1, **EAGER)
+    with torch.no_grad():
+        for b in range(1, 7):
+            x = torch.randn(b, 4, 8)
+            for t in (900, 800):
+                cm(x, torch.tensor([t] * b))
+            assert len(cm.cache_tensors()) == 1
+    assert len(cm.entries) == 1

@@ -289,6 +289,10 @@ class Engine:
         held = state.buffers.get(signature)
         if held is not None and held[0] == entry.uid:
             return held[1]
+        # drop the buffers of shapes whose entries were evicted (max_shapes) or rebuilt
+        live = {sig: e.uid for sig, e in self._entries.items()}
+        for sig in [sig for sig, (uid, _) in state.buffers.items() if live.get(sig) != uid]:
+            del state.buffers[sig]
         bufs = {}
         # never inference tensors (a generation under inference_mode must not poison later
         # no_grad calls) and never part of an autograd graph
