@@ -96,7 +96,8 @@ called: the one-step lag. The host limits (``first_steps``, ``last_steps``,
 generation, shape or step jump) the state buffers are zeroed on the device and the step
 computes everything. :meth:`CachedModel.decisions` returns the record.
 
-The per-step path does no logging and no device-to-host synchronisation.
+The per-step path does no logging and no device-wide synchronisation; an adaptive plan
+on CUDA waits for the event of the previous step's decision copy (the one-step lag).
 """
 
 from __future__ import annotations
