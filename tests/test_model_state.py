@@ -226,3 +226,51 @@ def test_nothing_volatile_is_guarded(family):
             _out(T, cm, t)
         cm.reset()
     assert cm.captures == 1
+
+
+# ------------------------------------------------------------------ IP-Adapter
+def _ip_adapter(T, clip_dim=12):
+    """Load a random IP-Adapter into the tiny SD U-Net through diffusers' own loader
+    (``_load_ip_adapter_weights``, what ``load_ip_adapter`` calls with the file's weights)."""
+    m = T.model
+    cross = m.config.cross_attention_dim
+    g = torch.Generator().manual_seed(5)
+    proj = {"proj.weight": torch.randn(4 * cross, clip_dim, generator=g) * 0.1,
+            "proj.bias": torch.zeros(4 * cross), "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    layers, key_id = {}, 1
+    for name in m.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = m.config.block_out_channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(m.config.block_out_channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = m.config.block_out_channels[int(name[len("down_blocks.")])]
+        layers[f"{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.3
+        layers[f"{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.3
+        key_id += 2
+    m._load_ip_adapter_weights([{"image_proj": proj, "ip_adapter": layers}], low_cpu_mem_usage=False)
+    image = torch.randn(1, 1, clip_dim, generator=g)
+    inputs = T.inputs
+
+    def with_image(t):
+        args, kwargs = inputs(t)
+        x, tt, enc = args
+        return (x, tt), {"encoder_hidden_states": enc, "added_cond_kwargs": {"image_embeds": [image]}}
+
+    T.inputs = with_image
+    return T
+
+
+def _set_ip_scale(model, scale):
+    # what IPAdapterMixin.set_ip_adapter_scale does on the denoiser's processors
+    for proc in model.attn_processors.values():
+        if hasattr(proc, "scale") and isinstance(proc.scale, list):
+            proc.scale = [scale] * len(proc.scale)
+
+
+def test_ip_adapter_scale_is_guarded():
+    T = _ip_adapter(tiny("sd"))
+    _set_ip_scale(T.model, 0.0)
+    _check_change(T, lambda m: _set_ip_scale(m, 42.0), undo=lambda m: _set_ip_scale(m, 0.0))
