@@ -274,3 +274,32 @@ def test_ip_adapter_scale_is_guarded():
     T = _ip_adapter(tiny("sd"))
     _set_ip_scale(T.model, 0.0)
     _check_change(T, lambda m: _set_ip_scale(m, 42.0), undo=lambda m: _set_ip_scale(m, 0.0))
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_lora_scales_change_without_capturing_or_compiling_again(family):
+    """peft scales are graph inputs (runtime/lora.py): ``set_adapters(..., weights=...)``
+    after the first call gives the model's output with the same graphs, under a real
+    torch.compile backend: dynamo compiles nothing more."""
+    from torch._dynamo.utils import counters
+
+    T = _lora(tiny(family))
+    m = T.model
+    cm = fxcache.compile(m, _full_mask(T), backend="aot_eager")
+    t = T.timesteps[1]
+    assert torch.equal(_out(T, cm, t), _out(T, m, t))
+    graphs = counters["stats"]["unique_graphs"]
+    for weights in ([0.3, 1.0], [2.0, 0.0], [1.0, 1.0]):
+        m.set_adapters(["a", "b"], weights=weights)
+        cm.reset()
+        assert torch.equal(_out(T, cm, t), _out(T, m, t)), weights
+    assert cm.captures == 1
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_lora_scales_in_bf16_layers_capture_again():
+    """In bf16 a tensor scale would round differently from peft's float: those layers
+    keep the float, and a change captures again (still the model's output)."""
+    T = _lora(tiny("sd", dtype=torch.bfloat16))
+    cm = _check_change(T, lambda m: m.set_adapters(["a", "b"], weights=[0.3, 1.0]))
+    assert cm.captures == 2

@@ -23,6 +23,7 @@ from ..rewrite.adaptive import DECISION as STATE_DECISION
 from ..rewrite.step_graphs import FORECAST_SLOT, forecast_weights
 from .build import Entry, build_entry, prepare
 from .guards import foreign_hooks, snapshot
+from .lora import LoraScales
 from .options import TIMESTEP_RULES, CompileOptions, UnsupportedCallError
 from .state import Decider, GenerationState, ThreadStates, apply_timestep_rule
 
@@ -63,6 +64,7 @@ class Engine:
         self._foreign = False
         self._timestep_indices: dict = {}  # call structure (TreeSpec) -> flat index of the timestep
         self.captures = 0  # how many times the model was captured (a guard that failed captures again)
+        self._lora = LoraScales()  # peft LoRA scales as graph inputs (runtime/lora.py)
         self.step_source = None  # a pipeline's StepSource (runtime/pipeline.py), set at each pipeline call
         self._restarts = 0
         self._warned_restarts = False
@@ -224,6 +226,7 @@ class Engine:
                     stacklevel=3,
                 )
             return
+        self._lora.sync()
         snap = snapshot(self.model)
         if self._snapshot is not None and snap != self._snapshot:
             with self._lock:
@@ -235,7 +238,7 @@ class Engine:
         local = self._local
         busy, local.busy = local.busy, True  # a call of the model while capturing runs it as written
         try:
-            with self._as_written():
+            with self._as_written(), self._lora.lifted(self.model):
                 prepared = prepare(self.model, self.schedule, self.options, args, kwargs)
         finally:
             local.busy = busy

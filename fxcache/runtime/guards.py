@@ -34,6 +34,8 @@ import types
 
 import torch
 
+from .lora import lifted_scales
+
 __all__ = ["snapshot", "foreign_hooks", "OWN_ATTRS"]
 
 # attributes fxcache itself sets on a model it attaches to in place (runtime/inplace.py)
@@ -97,6 +99,8 @@ def snapshot(model: torch.nn.Module) -> tuple:
                 continue
             if k in ("_forward_hooks", "_forward_pre_hooks"):
                 parts.append((k, tuple(id(h) for h in v.values())))
+            elif k == "scaling" and lifted_scales(m):
+                parts.append((k, tuple(v)))  # the scales are graph inputs (runtime/lora.py): only which adapters
             else:
                 parts.append((k, _key(v, 0, seen)))
         for pname, p in m._parameters.items():
