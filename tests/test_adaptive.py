@@ -20,6 +20,8 @@ import fxcache
 from fxcache.schedules import schedule_from_json
 from fxcache.testing import tiny
 
+from _reference import module_paths, stream_residuals, tiny_flux_square
+
 EAGER = dict(backend=None, timestep_rule="off")
 STEPS = [torch.tensor(999 - 100 * i) for i in range(10)]
 # FirstBlockCache on the tiny DiT: reused are the attention and MLP sublayers of the
@@ -56,9 +58,13 @@ def _run_with_reuse_hooks(model, paths, compute, cache, handles, call):
 class AdaptiveReference:
     """One generation of an adaptive schedule, the obvious way (module doc).
 
-    probe:    module whose output (minus its first positional input when ``residual``)
-              is the probe value; statistic = |v - ref|_1 / |ref|_1 with ref stored at
-              the last computed step (inf without one); next step may reuse when < threshold.
+    probe:    module whose output is the probe value: the output itself (``residual``
+              false), the output minus its first positional input (true), or, for a block
+              with several streams, ``residual`` = ``[(output index, input name), ...]``:
+              each such output minus the input of that name (:func:`stream_residuals`);
+              statistic = sum_i |v_i - ref_i|_1 / sum_i |ref_i|_1 over the streams, with ref
+              stored at the last computed step (inf without one); the next step may reuse
+              when < threshold.
     reused:   module paths whose outputs are substituted at reused steps."""
 
     def __init__(self, model, reused, probe, residual, threshold, first_steps=1, last_steps=0, max_reuse=None,
@@ -79,16 +85,20 @@ class AdaptiveReference:
             seen = {}
             handles = []
 
-            def probe_hook(mod, args, out):
-                seen["v"] = (out - args[0]).float() if self.residual else out.float()
+            def probe_hook(mod, args, kwargs, out):
+                if isinstance(self.residual, bool):
+                    seen["v"] = [(out - args[0]).float() if self.residual else out.float()]
+                else:
+                    seen["v"] = [v.float() for v in stream_residuals(mod, args, kwargs, out, self.residual)]
 
-            handles.append(self.model.get_submodule(self.probe).register_forward_hook(probe_hook))
+            handles.append(self.model.get_submodule(self.probe).register_forward_hook(probe_hook, with_kwargs=True))
             outs.append(_run_with_reuse_hooks(self.model, self.reused, compute, cache, handles, call))
             v = seen["v"]
-            if ref is None or not (ref.abs().sum() > 0).item():
+            den = None if ref is None else sum(r.abs().sum() for r in ref)
+            if den is None or not (den > 0).item():
                 stat = torch.tensor(math.inf)
             else:
-                stat = (v - ref).abs().sum() / ref.abs().sum()
+                stat = sum((a - r).abs().sum() for a, r in zip(v, ref)) / den
             pending = bool((stat < self.threshold).item())
             if compute:
                 ref = v
@@ -159,6 +169,42 @@ def test_adaptive_deepcache_matches_reference(limits):
     rec = _check(cm, _adc_ref(T, 0.045, num_steps=num_steps, **limits), _dit_calls(T))
     assert True in rec[2:] and False in rec
     assert cm.plan.units == ("skip_branch.1",)
+
+
+FLUX_STEPS = [torch.tensor(1.0 - 0.1 * i) for i in range(10)]
+# a Flux block returns (encoder_hidden_states, hidden_states): each stream's output adds
+# back its own input
+FLUX_STREAMS = [(1, "hidden_states"), (0, "encoder_hidden_states")]
+
+
+def test_first_block_cache_on_flux_pairs_each_stream_with_its_own_input():
+    """Flux with as many text tokens as image tokens: both streams of the double block
+    have the same shape, so only data flow tells which input each output adds back. The
+    statistic is each stream's residual (output - its own input) measured by hooks on the
+    eager model, and the run uses the default generation rules (no ``timestep_rule``)."""
+    T = tiny_flux_square(batch=2)
+    args, kwargs = T.inputs(FLUX_STEPS[0])
+    assert args[0].shape == kwargs["encoder_hidden_states"].shape[:2] + (16,)  # 16 image, 16 text tokens
+    calls = _dit_calls(T, FLUX_STEPS)
+    sched = fxcache.FirstBlockCache(0.2, max_reuse=2)
+    cm = fxcache.compile(T.model, sched, backend=None)
+    with torch.no_grad():
+        outs = [c(cm) for c in calls]
+    unitset = cm.entries[-1].units
+    reused = module_paths(unitset, cm.plan.units)
+    assert reused == ["single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"]
+    ref = AdaptiveReference(T.model, reused, "transformer_blocks.0", FLUX_STREAMS, 0.2, max_reuse=2)
+    ref_outs, ref_computed, ref_stats = ref.run(calls)
+    rec = cm.decisions()[None]
+    assert rec.statistic[0] == math.inf
+    assert rec.statistic[1:] == pytest.approx(ref_stats[1:], rel=1e-5)
+    assert list(rec) == ref_computed and True in ref_computed[2:] and False in ref_computed
+    for step, (a, b) in enumerate(zip(outs, ref_outs)):
+        assert torch.equal(a, b), step
+    # one probe value per stream, each subtracting a different input
+    probes = cm.entries[-1].adaptive.probes
+    assert [p[0] for p in probes] == list(unitset.by_name()["transformer_blocks.0"].outputs)
+    assert len({p[1] for p in probes}) == 2
 
 
 def test_threshold_zero_computes_everything_bit_exact():

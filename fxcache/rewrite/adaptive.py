@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..analyze.residual import residual_source
 from ..errors import ContractError, UnsupportedModelError
 from ..plan import PlanError
 
@@ -76,9 +77,11 @@ def probe_values(gm: fx.GraphModule, units, policy) -> list[tuple[str, str | Non
     """The values the statistic measures, as ``(node, subtracted node or None)`` names of
     the captured graph ``gm`` (``units``: its ``UnitSet``).
 
-    ``("residual", blocks)``: each output of the last block minus the first tensor (graph
-    order) entering the first block with the same shape and dtype (its residual input;
-    the output itself when there is none). ``("inputs", (unit,))``: the feature maps
+    ``("residual", blocks)``: each output of the last block minus the input of the first
+    block that reaches it through the residual adds, by data flow
+    (:func:`fxcache.analyze.residual.residual_source`: each stream of a two-stream block
+    with its own input, whatever the shapes); a block output with no such input, or
+    with several, is an :class:`UnsupportedModelError`. ``("inputs", (unit,))``: the feature maps
     entering the unit's region from outside: computed nodes (not inputs of the model nor
     parameters) with at least 3 dimensions (this leaves out the timestep embedding)."""
     how, names = policy.probe
@@ -88,13 +91,15 @@ def probe_values(gm: fx.GraphModule, units, policy) -> list[tuple[str, str | Non
         raise UnsupportedModelError(f"{policy.name}: the probe units {missing} are not units of this model")
     if how == "residual":
         first, last = by_name[names[0]], by_name[names[-1]]
-        nodes = {n.name: n for n in gm.graph.nodes}
-        entering = [a for a in _entering(gm, first.region) if a.op != "get_attr"]
+        what = f"{policy.name}: probe block '{last.name}'"
         out = []
         for o in last.outputs:
-            v = _val(nodes[o])
-            sub = next((a.name for a in entering if (w := _val(a)) is not None and v is not None
-                        and tuple(w.shape) == tuple(v.shape) and w.dtype == v.dtype), None)
+            sub = residual_source(gm, o, first.region, what=what)
+            if sub is None:
+                raise UnsupportedModelError(
+                    f"{what}: no input of '{first.name}' reaches its output '{o}' through residual adds, so the "
+                    f"probe's residual (output - input) is not defined; FirstBlockCache needs residual blocks"
+                )
             out.append((o, sub))
         return out
     if how == "inputs":
