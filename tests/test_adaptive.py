@@ -546,17 +546,36 @@ def test_magcache_refuses_what_it_cannot_honour():
 DIT_ALL = ["transformer_blocks.0.attn1", "transformer_blocks.0.ff"] + DIT_REUSED
 
 
+def _attn_input(model, path="transformer_blocks.0.attn1"):
+    """``hook(seen) -> handle``: a pre-hook storing, as ``seen["m"]``, the ``hidden_states``
+    that block 0's attention receives: the timestep-modulated input, wherever the model
+    modulates it (inside ``norm1`` as DiT's adaLN-Zero, or in the block's forward after a
+    plain ``norm1`` as PixArt's ``ada_norm_single``)."""
+
+    def install(seen):
+        def pre(mod, args, kwargs):
+            seen["m"] = (args[0] if args else kwargs["hidden_states"]).float()
+
+        return model.get_submodule(path).register_forward_pre_hook(pre, with_kwargs=True)
+
+    return install
+
+
 class TeaReference:
     """TeaCache, lagged, the obvious way: a hook reads block 0's modulated input (its
-    ``norm1`` output 0); ``rel`` against the previous step's, ``p(rel)`` by Horner;
-    ``acc`` = 0 at a computed step, ``acc + p`` at a reused one; the next step reuses when
-    ``acc + p < threshold`` (inf without a previous step); hooks substitute every
-    attention/MLP sublayer's output at reused steps."""
+    ``norm1`` output 0, or ``probe(seen)``'s hook, e.g. :func:`_attn_input`); ``rel``
+    against the previous step's, ``p(rel)`` by Horner; ``acc`` = 0 at a computed step,
+    ``acc + p`` at a reused one; the next step reuses when ``acc + p < threshold`` (inf
+    without a previous step); hooks substitute the output of every attention/MLP
+    sublayer in ``reused`` (default: the tiny DiT's) at reused steps."""
 
     def __init__(self, model, threshold, coefficients=(1.0, 0.0), first_steps=1, last_steps=0, max_reuse=None,
-                 num_steps=None):
+                 num_steps=None, probe=None, reused=None):
         self.model, self.threshold, self.coefficients = model, threshold, coefficients
         self.first, self.last, self.max_reuse, self.num_steps = first_steps, last_steps, max_reuse, num_steps
+        self.probe = probe or (lambda seen: model.get_submodule("transformer_blocks.0.norm1").register_forward_hook(
+            lambda mod, args, out: seen.__setitem__("m", out[0].float())))
+        self.reused = DIT_ALL if reused is None else list(reused)
 
     def run(self, calls):
         cache, prev, pending, run = {}, None, False, 0
@@ -567,9 +586,8 @@ class TeaReference:
                 self.max_reuse is not None and run >= self.max_reuse)
             compute = forced or not pending
             seen, handles = {}, []
-            handles.append(self.model.get_submodule("transformer_blocks.0.norm1").register_forward_hook(
-                lambda mod, args, out: seen.__setitem__("m", out[0].float())))
-            outs.append(_run_with_reuse_hooks(self.model, DIT_ALL, compute, cache, handles, call))
+            handles.append(self.probe(seen))
+            outs.append(_run_with_reuse_hooks(self.model, self.reused, compute, cache, handles, call))
             m = seen["m"]
             if prev is None or not (prev.abs().sum() > 0).item():
                 stat, acc = torch.tensor(math.inf), torch.zeros(())
@@ -610,6 +628,43 @@ def test_teacache_matches_reference(limits):
     for a, b in zip(outs, ref_outs):
         assert torch.equal(a, b)
     assert set(cm.plan.units) == set(DIT_ALL)
+
+
+def test_teacache_on_pixart_probes_the_timestep_modulated_input():
+    """PixArt's blocks (``ada_norm_single``) have a plain LayerNorm ``norm1`` and modulate
+    its output in the block's forward (``norm1(x) * (1 + scale_msa) + shift_msa``). The
+    probe is that modulated value: with only the timestep changed between two calls, the
+    statistic is the hook-measured relative change of the attention's input, not 0."""
+    T = tiny("pixart", batch=2)
+    cm = fxcache.compile(T.model, fxcache.TeaCache(0.2), **EAGER)
+    calls = _dit_calls(T, [torch.tensor(999), torch.tensor(500)])  # same latent, same text
+    _generation(cm, calls)
+    seen, ms = {}, []
+    handle = _attn_input(T.model)(seen)
+    try:
+        with torch.no_grad():
+            for c in calls:
+                c(T.model)
+                ms.append(seen["m"])
+    finally:
+        handle.remove()
+    rel = ((ms[1] - ms[0]).abs().sum() / ms[0].abs().sum()).item()
+    stat = cm.decisions()[None].statistic
+    assert rel > 1e-3 and stat[1] == pytest.approx(rel, rel=1e-5)
+    # a whole generation against the hook oracle
+    coefficients = (2.0, -0.5, 1.5, 0.01)
+    cm = fxcache.compile(T.model, fxcache.TeaCache(0.3, coefficients=coefficients, max_reuse=2), **EAGER)
+    calls = _dit_calls(T)
+    outs = _generation(cm, calls)
+    reused = module_paths(cm.entries[-1].units, cm.plan.units)
+    assert len(reused) == 9  # attn1, attn2 and ff of the three blocks
+    ref_outs, ref_computed, ref_stats = TeaReference(T.model, 0.3, coefficients, max_reuse=2, probe=_attn_input(T.model),
+                                                     reused=reused).run(calls)
+    rec = cm.decisions()[None]
+    assert list(rec) == ref_computed and True in ref_computed[2:] and False in ref_computed
+    assert rec.statistic[0] == math.inf and rec.statistic[1:] == pytest.approx(ref_stats[1:], rel=1e-5)
+    for step, (a, b) in enumerate(zip(outs, ref_outs)):
+        assert torch.equal(a, b), step
 
 
 def test_teacache_threshold_zero_computes_everything_and_huge_reuses_as_allowed():
@@ -684,3 +739,10 @@ def test_teacache_refuses_what_it_cannot_honour():
         lower(fxcache.TeaCache(0.1), fxcache.units(U.model, *args, **kwargs).infos())
     with pytest.raises(ProfileError, match="profile_teacache"):
         fxcache.fit_teacache(Profile(units=("a",), l1rel=np.zeros((3, 1))))
+    # SD's U-Net transformer blocks: a plain LayerNorm norm1 and no timestep modulation
+    # after it (their input depends on the timestep only through the resnets before)
+    S = tiny("sd")
+    cm = fxcache.compile(S.model, fxcache.TeaCache(0.1), **EAGER)
+    with pytest.raises(fxcache.UnsupportedModelError, match="does not depend on the timestep"):
+        with torch.no_grad():
+            S.call(cm, S.timesteps[0])
