@@ -283,3 +283,35 @@ def hook_blend(model: torch.nn.Module, modules: Sequence[str], weights: Sequence
     finally:
         for h in handles:
             h.remove()
+
+
+def tiny_flux_square(batch: int = 1, seed: int = 0):
+    """``fxcache.testing.tiny("flux")`` with as many text tokens as image tokens (16 and
+    16), so the two streams of its blocks have the same shape: only data flow tells
+    which input a block output adds back (Flux-schnell at 256 px is such a case)."""
+    from fxcache.testing import tiny
+
+    T = tiny("flux", batch=batch, seed=seed)
+    args, kwargs = T.inputs(T.timesteps[0])
+    n = args[0].shape[1]
+    g = torch.Generator().manual_seed(seed + 7)
+    enc = torch.randn(batch, n, kwargs["encoder_hidden_states"].shape[-1], generator=g)
+    txt_ids = torch.zeros(n, 3)
+
+    def inputs(t, base=T.inputs):
+        a, k = base(t)
+        return a, {**k, "encoder_hidden_states": enc, "txt_ids": txt_ids}
+
+    T.inputs = inputs
+    return T
+
+
+def stream_residuals(module: torch.nn.Module, args, kwargs, out, pairs) -> list:
+    """``out[i] - input`` for each ``(i, argument name)`` of ``pairs``: a block's output
+    minus the input of that name (bound to the module's forward signature), e.g. for a
+    Flux block ``[(1, "hidden_states"), (0, "encoder_hidden_states")]``."""
+    import inspect
+
+    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [outs[i] - bound[name] for i, name in pairs]

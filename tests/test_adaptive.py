@@ -20,6 +20,8 @@ import fxcache
 from fxcache.schedules import schedule_from_json
 from fxcache.testing import tiny
 
+from _reference import module_paths, stream_residuals, tiny_flux_square
+
 EAGER = dict(backend=None, timestep_rule="off")
 STEPS = [torch.tensor(999 - 100 * i) for i in range(10)]
 # FirstBlockCache on the tiny DiT: reused are the attention and MLP sublayers of the
@@ -56,9 +58,13 @@ def _run_with_reuse_hooks(model, paths, compute, cache, handles, call):
 class AdaptiveReference:
     """One generation of an adaptive schedule, the obvious way (module doc).
 
-    probe:    module whose output (minus its first positional input when ``residual``)
-              is the probe value; statistic = |v - ref|_1 / |ref|_1 with ref stored at
-              the last computed step (inf without one); next step may reuse when < threshold.
+    probe:    module whose output is the probe value: the output itself (``residual``
+              false), the output minus its first positional input (true), or, for a block
+              with several streams, ``residual`` = ``[(output index, input name), ...]``:
+              each such output minus the input of that name (:func:`stream_residuals`);
+              statistic = sum_i |v_i - ref_i|_1 / sum_i |ref_i|_1 over the streams, with ref
+              stored at the last computed step (inf without one); the next step may reuse
+              when < threshold.
     reused:   module paths whose outputs are substituted at reused steps."""
 
     def __init__(self, model, reused, probe, residual, threshold, first_steps=1, last_steps=0, max_reuse=None,
@@ -79,16 +85,20 @@ class AdaptiveReference:
             seen = {}
             handles = []
 
-            def probe_hook(mod, args, out):
-                seen["v"] = (out - args[0]).float() if self.residual else out.float()
+            def probe_hook(mod, args, kwargs, out):
+                if isinstance(self.residual, bool):
+                    seen["v"] = [(out - args[0]).float() if self.residual else out.float()]
+                else:
+                    seen["v"] = [v.float() for v in stream_residuals(mod, args, kwargs, out, self.residual)]
 
-            handles.append(self.model.get_submodule(self.probe).register_forward_hook(probe_hook))
+            handles.append(self.model.get_submodule(self.probe).register_forward_hook(probe_hook, with_kwargs=True))
             outs.append(_run_with_reuse_hooks(self.model, self.reused, compute, cache, handles, call))
             v = seen["v"]
-            if ref is None or not (ref.abs().sum() > 0).item():
+            den = None if ref is None else sum(r.abs().sum() for r in ref)
+            if den is None or not (den > 0).item():
                 stat = torch.tensor(math.inf)
             else:
-                stat = (v - ref).abs().sum() / ref.abs().sum()
+                stat = sum((a - r).abs().sum() for a, r in zip(v, ref)) / den
             pending = bool((stat < self.threshold).item())
             if compute:
                 ref = v
@@ -159,6 +169,42 @@ def test_adaptive_deepcache_matches_reference(limits):
     rec = _check(cm, _adc_ref(T, 0.045, num_steps=num_steps, **limits), _dit_calls(T))
     assert True in rec[2:] and False in rec
     assert cm.plan.units == ("skip_branch.1",)
+
+
+FLUX_STEPS = [torch.tensor(1.0 - 0.1 * i) for i in range(10)]
+# a Flux block returns (encoder_hidden_states, hidden_states): each stream's output adds
+# back its own input
+FLUX_STREAMS = [(1, "hidden_states"), (0, "encoder_hidden_states")]
+
+
+def test_first_block_cache_on_flux_pairs_each_stream_with_its_own_input():
+    """Flux with as many text tokens as image tokens: both streams of the double block
+    have the same shape, so only data flow tells which input each output adds back. The
+    statistic is each stream's residual (output - its own input) measured by hooks on the
+    eager model, and the run uses the default generation rules (no ``timestep_rule``)."""
+    T = tiny_flux_square(batch=2)
+    args, kwargs = T.inputs(FLUX_STEPS[0])
+    assert args[0].shape == kwargs["encoder_hidden_states"].shape[:2] + (16,)  # 16 image, 16 text tokens
+    calls = _dit_calls(T, FLUX_STEPS)
+    sched = fxcache.FirstBlockCache(0.2, max_reuse=2)
+    cm = fxcache.compile(T.model, sched, backend=None)
+    with torch.no_grad():
+        outs = [c(cm) for c in calls]
+    unitset = cm.entries[-1].units
+    reused = module_paths(unitset, cm.plan.units)
+    assert reused == ["single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"]
+    ref = AdaptiveReference(T.model, reused, "transformer_blocks.0", FLUX_STREAMS, 0.2, max_reuse=2)
+    ref_outs, ref_computed, ref_stats = ref.run(calls)
+    rec = cm.decisions()[None]
+    assert rec.statistic[0] == math.inf
+    assert rec.statistic[1:] == pytest.approx(ref_stats[1:], rel=1e-5)
+    assert list(rec) == ref_computed and True in ref_computed[2:] and False in ref_computed
+    for step, (a, b) in enumerate(zip(outs, ref_outs)):
+        assert torch.equal(a, b), step
+    # one probe value per stream, each subtracting a different input
+    probes = cm.entries[-1].adaptive.probes
+    assert [p[0] for p in probes] == list(unitset.by_name()["transformer_blocks.0"].outputs)
+    assert len({p[1] for p in probes}) == 2
 
 
 def test_threshold_zero_computes_everything_bit_exact():
@@ -500,17 +546,36 @@ def test_magcache_refuses_what_it_cannot_honour():
 DIT_ALL = ["transformer_blocks.0.attn1", "transformer_blocks.0.ff"] + DIT_REUSED
 
 
+def _attn_input(model, path="transformer_blocks.0.attn1"):
+    """``hook(seen) -> handle``: a pre-hook storing, as ``seen["m"]``, the ``hidden_states``
+    that block 0's attention receives: the timestep-modulated input, wherever the model
+    modulates it (inside ``norm1`` as DiT's adaLN-Zero, or in the block's forward after a
+    plain ``norm1`` as PixArt's ``ada_norm_single``)."""
+
+    def install(seen):
+        def pre(mod, args, kwargs):
+            seen["m"] = (args[0] if args else kwargs["hidden_states"]).float()
+
+        return model.get_submodule(path).register_forward_pre_hook(pre, with_kwargs=True)
+
+    return install
+
+
 class TeaReference:
     """TeaCache, lagged, the obvious way: a hook reads block 0's modulated input (its
-    ``norm1`` output 0); ``rel`` against the previous step's, ``p(rel)`` by Horner;
-    ``acc`` = 0 at a computed step, ``acc + p`` at a reused one; the next step reuses when
-    ``acc + p < threshold`` (inf without a previous step); hooks substitute every
-    attention/MLP sublayer's output at reused steps."""
+    ``norm1`` output 0, or ``probe(seen)``'s hook, e.g. :func:`_attn_input`); ``rel``
+    against the previous step's, ``p(rel)`` by Horner; ``acc`` = 0 at a computed step,
+    ``acc + p`` at a reused one; the next step reuses when ``acc + p < threshold`` (inf
+    without a previous step); hooks substitute the output of every attention/MLP
+    sublayer in ``reused`` (default: the tiny DiT's) at reused steps."""
 
     def __init__(self, model, threshold, coefficients=(1.0, 0.0), first_steps=1, last_steps=0, max_reuse=None,
-                 num_steps=None):
+                 num_steps=None, probe=None, reused=None):
         self.model, self.threshold, self.coefficients = model, threshold, coefficients
         self.first, self.last, self.max_reuse, self.num_steps = first_steps, last_steps, max_reuse, num_steps
+        self.probe = probe or (lambda seen: model.get_submodule("transformer_blocks.0.norm1").register_forward_hook(
+            lambda mod, args, out: seen.__setitem__("m", out[0].float())))
+        self.reused = DIT_ALL if reused is None else list(reused)
 
     def run(self, calls):
         cache, prev, pending, run = {}, None, False, 0
@@ -521,9 +586,8 @@ class TeaReference:
                 self.max_reuse is not None and run >= self.max_reuse)
             compute = forced or not pending
             seen, handles = {}, []
-            handles.append(self.model.get_submodule("transformer_blocks.0.norm1").register_forward_hook(
-                lambda mod, args, out: seen.__setitem__("m", out[0].float())))
-            outs.append(_run_with_reuse_hooks(self.model, DIT_ALL, compute, cache, handles, call))
+            handles.append(self.probe(seen))
+            outs.append(_run_with_reuse_hooks(self.model, self.reused, compute, cache, handles, call))
             m = seen["m"]
             if prev is None or not (prev.abs().sum() > 0).item():
                 stat, acc = torch.tensor(math.inf), torch.zeros(())
@@ -564,6 +628,43 @@ def test_teacache_matches_reference(limits):
     for a, b in zip(outs, ref_outs):
         assert torch.equal(a, b)
     assert set(cm.plan.units) == set(DIT_ALL)
+
+
+def test_teacache_on_pixart_probes_the_timestep_modulated_input():
+    """PixArt's blocks (``ada_norm_single``) have a plain LayerNorm ``norm1`` and modulate
+    its output in the block's forward (``norm1(x) * (1 + scale_msa) + shift_msa``). The
+    probe is that modulated value: with only the timestep changed between two calls, the
+    statistic is the hook-measured relative change of the attention's input, not 0."""
+    T = tiny("pixart", batch=2)
+    cm = fxcache.compile(T.model, fxcache.TeaCache(0.2), **EAGER)
+    calls = _dit_calls(T, [torch.tensor(999), torch.tensor(500)])  # same latent, same text
+    _generation(cm, calls)
+    seen, ms = {}, []
+    handle = _attn_input(T.model)(seen)
+    try:
+        with torch.no_grad():
+            for c in calls:
+                c(T.model)
+                ms.append(seen["m"])
+    finally:
+        handle.remove()
+    rel = ((ms[1] - ms[0]).abs().sum() / ms[0].abs().sum()).item()
+    stat = cm.decisions()[None].statistic
+    assert rel > 1e-3 and stat[1] == pytest.approx(rel, rel=1e-5)
+    # a whole generation against the hook oracle
+    coefficients = (2.0, -0.5, 1.5, 0.01)
+    cm = fxcache.compile(T.model, fxcache.TeaCache(0.3, coefficients=coefficients, max_reuse=2), **EAGER)
+    calls = _dit_calls(T)
+    outs = _generation(cm, calls)
+    reused = module_paths(cm.entries[-1].units, cm.plan.units)
+    assert len(reused) == 9  # attn1, attn2 and ff of the three blocks
+    ref_outs, ref_computed, ref_stats = TeaReference(T.model, 0.3, coefficients, max_reuse=2, probe=_attn_input(T.model),
+                                                     reused=reused).run(calls)
+    rec = cm.decisions()[None]
+    assert list(rec) == ref_computed and True in ref_computed[2:] and False in ref_computed
+    assert rec.statistic[0] == math.inf and rec.statistic[1:] == pytest.approx(ref_stats[1:], rel=1e-5)
+    for step, (a, b) in enumerate(zip(outs, ref_outs)):
+        assert torch.equal(a, b), step
 
 
 def test_teacache_threshold_zero_computes_everything_and_huge_reuses_as_allowed():
@@ -638,3 +739,10 @@ def test_teacache_refuses_what_it_cannot_honour():
         lower(fxcache.TeaCache(0.1), fxcache.units(U.model, *args, **kwargs).infos())
     with pytest.raises(ProfileError, match="profile_teacache"):
         fxcache.fit_teacache(Profile(units=("a",), l1rel=np.zeros((3, 1))))
+    # SD's U-Net transformer blocks: a plain LayerNorm norm1 and no timestep modulation
+    # after it (their input depends on the timestep only through the resnets before)
+    S = tiny("sd")
+    cm = fxcache.compile(S.model, fxcache.TeaCache(0.1), **EAGER)
+    with pytest.raises(fxcache.UnsupportedModelError, match="does not depend on the timestep"):
+        with torch.no_grad():
+            S.call(cm, S.timesteps[0])

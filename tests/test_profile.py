@@ -18,7 +18,7 @@ from fxcache.calibrate.profiler import ProfileRecorder, profile
 from fxcache.schedules import UnknownUnitError
 from fxcache.testing import tiny
 
-from _reference import hook_cache, mask_rows
+from _reference import hook_cache, mask_rows, stream_residuals, tiny_flux_square
 
 STEPS = [999, 749, 499, 249, 0]
 SEEDS = (0, 1)
@@ -247,3 +247,73 @@ def test_unet_matches_hooks_on_eager_model(unet, unet_profile, unit, residual):
     col = unet_profile.index(unit)
     np.testing.assert_allclose(unet_profile.l1rel[:, col], l1, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(unet_profile.cosine[:, col], cos, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- Flux
+FLUX_STEPS = [1.0, 0.75, 0.5, 0.25, 0.01]
+
+
+def _stream_hook_stats(model, run, streams, seeds=SEEDS):
+    """Eq. 6 for blocks with several streams, from forward hooks on the eager model:
+    ``C(t)`` = the concatenation of ``out[i] - input`` over ``streams[unit]`` =
+    ``[(output index, input argument name), ...]`` (:func:`stream_residuals`: each
+    stream's output minus its own input, found by name, not by shape)."""
+    per_seed = {u: ([], []) for u in streams}
+    for seed in seeds:
+        values = {u: [] for u in streams}
+        handles = []
+        for unit, pairs in streams.items():
+
+            def hook(mod, args, kwargs, out, unit=unit, pairs=pairs):
+                parts = stream_residuals(mod, args, kwargs, out, pairs)
+                values[unit].append(torch.cat([p.detach().double().flatten() for p in parts]))
+
+            handles.append(model.get_submodule(unit).register_forward_hook(hook, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                run(model, seed)
+        finally:
+            for h in handles:
+                h.remove()
+        for unit, vals in values.items():
+            per_seed[unit][0].append([math.nan] + [
+                float((vals[t] - vals[t - 1]).abs().sum() / vals[t].abs().sum()) for t in range(1, len(vals))
+            ])
+            per_seed[unit][1].append([math.nan] + [
+                float(torch.nn.functional.cosine_similarity(vals[t], vals[t - 1], dim=0)) for t in range(1, len(vals))
+            ])
+    return {u: (np.mean(l1, axis=0), np.mean(cos, axis=0)) for u, (l1, cos) in per_seed.items()}
+
+
+def test_flux_blocks_subtract_each_streams_own_input():
+    """A tiny Flux with as many text tokens as image tokens: both inputs of a block have
+    the shape of both its outputs, so a shape rule pairs the text output with the image
+    input. Every block column must equal Eq. 6 from hooks that subtract each stream's
+    own input (the double block and the first single block return both streams; the
+    last single block's text output is unused, so only its image stream is a unit
+    output)."""
+    T = tiny_flux_square(batch=1)
+
+    def run(m, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = None
+        for t in FLUX_STEPS:
+            args, kwargs = T.inputs(torch.tensor(t))
+            x = torch.randn(args[0].shape, generator=g) if x is None else x - 0.2 * out
+            out = m(x, **kwargs).sample
+        return x
+
+    both = [(1, "hidden_states"), (0, "encoder_hidden_states")]
+    streams = {"transformer_blocks.0": both, "single_transformer_blocks.0": both,
+               "single_transformer_blocks.1": [(1, "hidden_states")]}
+    p = profile(T.model, run, units=list(streams), seeds=SEEDS, progress=False)
+    assert p.units == tuple(streams)
+    hooks = _stream_hook_stats(T.model, run, streams)
+    for unit, (l1, cos) in hooks.items():
+        col = p.index(unit)
+        np.testing.assert_allclose(p.l1rel[:, col], l1, rtol=1e-4, atol=1e-6, err_msg=unit)
+        np.testing.assert_allclose(p.cosine[:, col], cos, rtol=1e-5, atol=1e-6, err_msg=unit)
+    # each output subtracts a different node
+    for unit in ("transformer_blocks.0", "single_transformer_blocks.0"):
+        res = p.meta["residual"][unit]
+        assert None not in res and len(set(res)) == 2, unit

@@ -22,10 +22,11 @@ Residual contribution ``C`` (Eq. 4-6: ``B(x) = C(x) + x``):
 - units whose module adds its input inside (kinds in :data:`RESIDUAL_KINDS`: U-Net
   ``resnet`` and ``mid_block``, U-Net ``attention`` modules (not sublayers of a
   transformer block), ``transformer_block``, ``single_block``): ``C`` = output − main
-  input, where the main input is read from the graph as the first tensor (in graph
-  order) that enters the unit's region from outside with the output's shape and dtype
-  (:func:`residual_input`); when no such tensor exists (a resnet changing the channel
-  count) ``C`` = the output;
+  input, where the main input is read from the graph's data flow: the input that
+  reaches the output through the unit's residual adds (:func:`residual_input`; each
+  stream of a Flux/SD3 block with its own input, whatever the shapes); when there is
+  none (a resnet changing the channel count: its shortcut is a convolution) ``C`` = the
+  output, and when several inputs would be it the profile refuses the unit;
 - every other unit (down / up blocks, DeepCache skip branches): ``C`` = the output.
 
 ``profile.meta["residual"]`` records, per unit, the graph node subtracted from each
@@ -44,6 +45,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..analyze.residual import residual_source
 from ..analyze.units import Unit, UnitSet, find_units
 from ..capture import Captured, capture, flatten_call, signature_of
 from ..schedules import select_units
@@ -64,30 +66,13 @@ def _is_residual(unit: Unit) -> bool:
     return unit.kind in RESIDUAL_KINDS or (unit.kind == "attention" and unit.block is None)
 
 
-def _val(node: fx.Node):
-    v = node.meta.get("val")
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def residual_input(gm: fx.GraphModule, unit: Unit, k: int = 0) -> str | None:
-    """Name of the node a residual unit's output ``k`` adds back: the first tensor that
-    enters the unit's region from outside (graph order, then argument order) with the
-    same shape and dtype as the output; parameters and buffers are not candidates.
-    None when there is none."""
-    by_name = {n.name: n for n in gm.graph.nodes}
-    out = _val(by_name[unit.outputs[k]])
-    if out is None:
-        return None
-    for node in gm.graph.nodes:
-        if node.name not in unit.region:
-            continue
-        for arg in node.all_input_nodes:
-            if arg.name in unit.region or arg.op == "get_attr":
-                continue
-            v = _val(arg)
-            if v is not None and tuple(v.shape) == tuple(out.shape) and v.dtype == out.dtype:
-                return arg.name
-    return None
+    """Name of the node a residual unit's output ``k`` adds back: the input that reaches
+    the output through the unit's residual adds, by data flow
+    (:func:`fxcache.analyze.residual.residual_source`); None when there is none (a resnet
+    whose shortcut is a convolution). Several such inputs are an
+    :class:`~fxcache.errors.UnsupportedModelError`."""
+    return residual_source(gm, unit.outputs[k], unit.region, what=f"unit '{unit.name}'")
 
 
 def recording_graph(gm: fx.GraphModule, extra: Sequence[str]) -> tuple[fx.GraphModule, int]:

@@ -42,11 +42,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..analyze.residual import residual_source
 from ..errors import ContractError, UnsupportedModelError
 from ..plan import PlanError
 
-__all__ = ["STATE", "AdaptiveSteps", "DecisionGraph", "probe_values", "add_decision", "adapt_step_graphs",
-           "check_state_writes"]
+__all__ = ["STATE", "AdaptiveSteps", "DecisionGraph", "probe_values", "modulated_input", "add_decision",
+           "adapt_step_graphs", "check_state_writes"]
 
 STATE = "fxcache.adaptive"
 """First element of the state slots' keys: ``(STATE, "ref", i)``, ``(STATE, "decision")``."""
@@ -76,11 +77,15 @@ def probe_values(gm: fx.GraphModule, units, policy) -> list[tuple[str, str | Non
     """The values the statistic measures, as ``(node, subtracted node or None)`` names of
     the captured graph ``gm`` (``units``: its ``UnitSet``).
 
-    ``("residual", blocks)``: each output of the last block minus the first tensor (graph
-    order) entering the first block with the same shape and dtype (its residual input;
-    the output itself when there is none). ``("inputs", (unit,))``: the feature maps
+    ``("residual", blocks)``: each output of the last block minus the input of the first
+    block that reaches it through the residual adds, by data flow
+    (:func:`fxcache.analyze.residual.residual_source`: each stream of a two-stream block
+    with its own input, whatever the shapes); a block output with no such input, or
+    with several, is an :class:`UnsupportedModelError`. ``("inputs", (unit,))``: the feature maps
     entering the unit's region from outside: computed nodes (not inputs of the model nor
-    parameters) with at least 3 dimensions (this leaves out the timestep embedding)."""
+    parameters) with at least 3 dimensions (this leaves out the timestep embedding).
+    ``("modulated", (block,))``: the block's timestep-modulated input
+    (:func:`modulated_input`)."""
     how, names = policy.probe
     by_name = units.by_name()
     missing = [n for n in names if n not in by_name]
@@ -88,13 +93,15 @@ def probe_values(gm: fx.GraphModule, units, policy) -> list[tuple[str, str | Non
         raise UnsupportedModelError(f"{policy.name}: the probe units {missing} are not units of this model")
     if how == "residual":
         first, last = by_name[names[0]], by_name[names[-1]]
-        nodes = {n.name: n for n in gm.graph.nodes}
-        entering = [a for a in _entering(gm, first.region) if a.op != "get_attr"]
+        what = f"{policy.name}: probe block '{last.name}'"
         out = []
         for o in last.outputs:
-            v = _val(nodes[o])
-            sub = next((a.name for a in entering if (w := _val(a)) is not None and v is not None
-                        and tuple(w.shape) == tuple(v.shape) and w.dtype == v.dtype), None)
+            sub = residual_source(gm, o, first.region, what=what)
+            if sub is None:
+                raise UnsupportedModelError(
+                    f"{what}: no input of '{first.name}' reaches its output '{o}' through residual adds, so the "
+                    f"probe's residual (output - input) is not defined; FirstBlockCache needs residual blocks"
+                )
             out.append((o, sub))
         return out
     if how == "inputs":
@@ -108,22 +115,81 @@ def probe_values(gm: fx.GraphModule, units, policy) -> list[tuple[str, str | Non
             )
         return [(a.name, None) for a in feats]
     if how == "modulated":
-        block = by_name[names[0]]
-        module = f"{block.name}.norm1"
-        out_val = _val(next(n for n in gm.graph.nodes if n.name == block.outputs[0]))
-        inside = [n for n in gm.graph.nodes
-                  if any(p == module or p.startswith(module + ".") for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
-        names_in = {n.name for n in inside}
-        for n in inside:
-            v = _val(n)
-            if (v is not None and out_val is not None and tuple(v.shape) == tuple(out_val.shape)
-                    and any(u.name not in names_in for u in n.users)):
-                return [(n.name, None)]
-        raise UnsupportedModelError(
-            f"{policy.name}: no timestep-modulated input leaves '{module}' with the block's shape "
-            f"{None if out_val is None else tuple(out_val.shape)}; this block has no adaLN norm1 to probe"
-        )
+        return [(modulated_input(gm, by_name[names[0]], policy.name), None)]
     raise PlanError(f"{policy.name}: unknown probe {how!r}")
+
+
+#: names of the model input the timestep arrives in (as :mod:`fxcache.capture` reads them)
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+_MODULATE = (torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor)
+
+
+def _timestep_dependent(gm: fx.GraphModule, cut: set) -> set:
+    """Names of the nodes whose value depends on the model's timestep input other than
+    through the nodes named in ``cut`` (a block's incoming hidden states: in a U-Net they
+    depend on the timestep through the resnets before the block, which does not make a
+    norm of them timestep-modulated)."""
+    dep = {n.name for n in gm.graph.find_nodes(op="placeholder") if n.name in _TIMESTEP_NAMES}
+    for node in gm.graph.nodes:
+        if node.name not in dep and node.name not in cut and any(a.name in dep for a in node.all_input_nodes):
+            dep.add(node.name)
+    return dep - cut
+
+
+def modulated_input(gm: fx.GraphModule, block, name: str = "TeaCache") -> str:
+    """The timestep-modulated input of ``block`` (a ``Unit``), TeaCache's probe: the value
+    leaving the block's ``norm1`` with the block's shape, when it depends on the timestep
+    (adaLN inside ``norm1``: DiT, Flux, SD3, CogVideoX); else, when ``norm1`` is a plain
+    norm that the block's forward modulates afterwards (PixArt's ``ada_norm_single``:
+    ``norm1(x) * (1 + scale_msa) + shift_msa``), the value after that modulation: the
+    chain of ``mul``/``add`` users of the norm's output, inside the block and of its
+    shape, whose other operand depends on the timestep. "Depends on the timestep" means
+    other than through the hidden states entering the block (in a U-Net those depend on
+    it through the resnets before). A block with neither (a plain
+    LayerNorm whose output no timestep-dependent scale or shift follows, as in SD's
+    U-Net transformer blocks) is an :class:`UnsupportedModelError`."""
+    module = f"{block.module or block.name}.norm1"
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out_val = _val(nodes[block.outputs[0]])
+    shape = None if out_val is None else tuple(out_val.shape)
+    inside = [n for n in gm.graph.nodes
+              if any(p == module or p.startswith(module + ".") for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
+    names_in = {n.name for n in inside}
+    leaving = next((n for n in inside if (v := _val(n)) is not None and tuple(v.shape) == shape
+                    and any(u.name not in names_in for u in n.users)), None)
+    if leaving is None:
+        raise UnsupportedModelError(
+            f"{name}: no value leaves '{module}' with the block's shape {shape}; this block has no norm1 output "
+            f"to probe for its timestep-modulated input"
+        )
+    # the hidden states entering the block (of the shape of one of its outputs) count as
+    # timestep-free: what is modulated is modulated inside the block
+    out_shapes = {tuple(v.shape) for o in block.outputs if (v := _val(nodes[o])) is not None}
+    cut = {a.name for a in _entering(gm, block.region) if (v := _val(a)) is not None and tuple(v.shape) in out_shapes}
+    dep = _timestep_dependent(gm, cut)
+    if not any(n.op == "placeholder" for n in gm.graph.nodes if n.name in dep):
+        raise UnsupportedModelError(
+            f"{name}: the model has no timestep input named one of {list(_TIMESTEP_NAMES)}, so the "
+            f"timestep-modulated input of '{block.name}' cannot be told from the graph"
+        )
+
+    def modulation(v):  # the users of v that scale or shift it by a timestep-dependent tensor
+        return [u for u in v.users
+                if u.op == "call_function" and u.target in _MODULATE and u.name in block.region
+                and (w := _val(u)) is not None and tuple(w.shape) == shape
+                and any(isinstance(a, fx.Node) and a is not v and a.name in dep for a in u.args)]
+
+    value = leaving
+    if value.name not in dep:  # a plain norm: follow the block's modulation of it (scale, then shift)
+        while len(step := modulation(value)) == 1:
+            value = step[0]
+    if value.name not in dep:
+        raise UnsupportedModelError(
+            f"{name}: the output of '{module}' ('{leaving.name}') does not depend on the timestep, and no "
+            f"timestep-dependent scale or shift is applied to it in '{block.name}'; TeaCache measures the "
+            f"timestep-modulated input of the first block (adaLN), which this model's blocks do not have"
+        )
+    return value.name
 
 
 @dataclass

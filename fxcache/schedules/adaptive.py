@@ -66,12 +66,15 @@ class AdaptivePolicy:
                 ``coefficients``; ``acc`` sums ``p(rel)`` over the reused steps since the
                 last full step (0 at a full step), and the statistic is ``acc + p(rel)``,
                 the sum the next step would reach if it changed as much as this one.
-    probe:      what is measured: ``("residual", (block, ...))``: the output of the last
-                of these blocks minus the tensor entering the first one (its residual
-                input); ``("inputs", (unit,))``: the tensors that enter the unit's
-                region from outside (feature maps computed at every step);
+    probe:      what is measured: ``("residual", (block, ...))``: each output of the
+                last of these blocks minus the input of the first one that its residual
+                adds bring back (found by data flow: each stream of a two-stream block
+                with its own input); ``("inputs", (unit,))``: the tensors that enter the
+                unit's region from outside (feature maps computed at every step);
                 ``("modulated", (block,))``: the timestep-modulated input of the block
-                (what its adaLN ``norm1`` returns with the block's shape).
+                (its adaLN ``norm1`` output, or a plain ``norm1`` output after the
+                block's timestep-dependent scale and shift, as PixArt's
+                ``ada_norm_single``); see :mod:`fxcache.rewrite.adaptive`.
     threshold:  the next step may reuse when the statistic is below it (``<``).
     first_steps, last_steps, max_reuse: the host-side limits (module doc).
     num_steps:  the generation's number of steps, when known (``last_steps`` needs it).
@@ -124,8 +127,10 @@ def _two_rows(names: Sequence[str]) -> Mask:
 class FirstBlockCache(_Config):
     """First-block cache (FBCache, ParaAttention; diffusers' ``FirstBlockCache``): the
     first ``probe`` transformer block(s) always run; when the relative L1 change of their
-    residual (output of the last probe block minus the input of the first) since the last
-    fully computed step is below ``threshold``, the rest is reused.
+    residual (each output of the last probe block minus the input of the first that its
+    residual adds bring back, by data flow: on Flux the text output minus the text input
+    and the image output minus the image input) since the last fully computed step is
+    below ``threshold``, the rest is reused.
 
     Reused are the attention and MLP sublayers (Flux single blocks: the residual branch)
     of every block after the probe, as in FORA: the current probe output still flows
@@ -253,7 +258,9 @@ def _policy_adc(s: AdaptiveDeepCache, units: list[UnitInfo], num_steps: int | No
 class TeaCache(_Config):
     """TeaCache (Liu et al. 2025, "Timestep Embedding Tells: It's Time to Cache for Video
     Diffusion Model"): the timestep-modulated input of the first block (its adaLN
-    ``norm1`` output) is compared with the previous step's; its relative L1 change,
+    ``norm1`` output; for PixArt's ``ada_norm_single`` blocks, whose ``norm1`` is a plain
+    LayerNorm, that output after the block's ``* (1 + scale_msa) + shift_msa``; a model
+    without one, as SD's U-Net, is refused) is compared with the previous step's; its relative L1 change,
     rescaled by the polynomial ``coefficients`` (fitted by :func:`fxcache.fit_teacache`
     from a profile run), is accumulated over the reused steps since the last full step;
     the blocks' attention and MLP sublayers (FORA's units, all blocks) are reused while
