@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiTPipeline
 
 import fxcache
 from fxcache.testing import tiny
 
 from _reference import every, hook_cache
+from test_pipelines import _dit_pipe
 
 EAGER = dict(backend=None)
 STEPS = 5
@@ -49,16 +49,6 @@ def _scheduler(name, overrides):
     import diffusers
 
     return getattr(diffusers, name)(num_train_timesteps=1000, **overrides)
-
-
-def _dit_pipe(scheduler):
-    T = tiny("dit", batch=2)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), norm_num_groups=4,
-        sample_size=8,
-    ).eval()
-    return DiTPipeline(transformer=T.model, vae=vae, scheduler=scheduler), T
 
 
 def _run_dit(pipe, steps=STEPS):

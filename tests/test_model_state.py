@@ -303,3 +303,21 @@ def test_lora_scales_in_bf16_layers_capture_again():
     T = _lora(tiny("sd", dtype=torch.bfloat16))
     cm = _check_change(T, lambda m: m.set_adapters(["a", "b"], weights=[0.3, 1.0]))
     assert cm.captures == 2
+
+
+def test_a_change_the_forward_does_not_read_keeps_the_compiled_graphs():
+    """The snapshot over-approximates: an attribute the forward never reads fails the
+    guard, captures again, finds the same graph on the same tensors, and keeps the
+    compiled step graphs (no new compile)."""
+    from torch._dynamo.utils import counters
+
+    T = tiny("dit")
+    cm = fxcache.compile(T.model, fxcache.FORA(interval=2), backend="aot_eager")
+    t = T.timesteps[1]
+    _out(T, cm, t)
+    entry, graphs = cm.entries[0], counters["stats"]["unique_graphs"]
+    T.model.transformer_blocks[0].note = "not read by forward"
+    cm.reset()
+    assert torch.equal(_out(T, cm, t), _out(T, T.model, t))
+    assert cm.captures == 2 and cm.entries[0] is entry
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -50,14 +50,15 @@ def test_attach_resets_every_call():
     assert engine.step == 0  # reset after the call
 
 
-def _dit_pipe():
+def _dit_pipe(scheduler=None):
     T = tiny("dit", batch=2)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), norm_num_groups=4,
         sample_size=8,
     ).eval()
-    return DiTPipeline(transformer=T.model, vae=vae, scheduler=DDIMScheduler(num_train_timesteps=1000)), T
+    scheduler = scheduler or DDIMScheduler(num_train_timesteps=1000)
+    return DiTPipeline(transformer=T.model, vae=vae, scheduler=scheduler), T
 
 
 def _run_dit(pipe):

@@ -24,6 +24,17 @@ STEPS = [999, 749, 499, 249, 0]
 SEEDS = (0, 1)
 
 
+
+def _add_changes(per_seed, values) -> None:
+    """Per unit, one seed's relative L1 change and cosine similarity between steps."""
+    for unit, vals in values.items():
+        per_seed[unit][0].append([math.nan] + [
+            float((vals[t] - vals[t - 1]).abs().sum() / vals[t].abs().sum()) for t in range(1, len(vals))
+        ])
+        per_seed[unit][1].append([math.nan] + [
+            float(torch.nn.functional.cosine_similarity(vals[t], vals[t - 1], dim=0)) for t in range(1, len(vals))
+        ])
+
 def _dit_run(m, seed):
     """A 5-step loop: the call pattern of a sampler, not a real one."""
     g = torch.Generator().manual_seed(seed)
@@ -91,13 +102,7 @@ def _hook_stats(model, run, residual, seeds=SEEDS):
         finally:
             for h in handles:
                 h.remove()
-        for unit, vals in values.items():
-            per_seed[unit][0].append([math.nan] + [
-                float((vals[t] - vals[t - 1]).abs().sum() / vals[t].abs().sum()) for t in range(1, len(vals))
-            ])
-            per_seed[unit][1].append([math.nan] + [
-                float(torch.nn.functional.cosine_similarity(vals[t], vals[t - 1], dim=0)) for t in range(1, len(vals))
-            ])
+        _add_changes(per_seed, values)
     return {u: (np.mean(l1, axis=0), np.mean(cos, axis=0)) for u, (l1, cos) in per_seed.items()}
 
 
@@ -275,13 +280,7 @@ def _stream_hook_stats(model, run, streams, seeds=SEEDS):
         finally:
             for h in handles:
                 h.remove()
-        for unit, vals in values.items():
-            per_seed[unit][0].append([math.nan] + [
-                float((vals[t] - vals[t - 1]).abs().sum() / vals[t].abs().sum()) for t in range(1, len(vals))
-            ])
-            per_seed[unit][1].append([math.nan] + [
-                float(torch.nn.functional.cosine_similarity(vals[t], vals[t - 1], dim=0)) for t in range(1, len(vals))
-            ])
+        _add_changes(per_seed, values)
     return {u: (np.mean(l1, axis=0), np.mean(cos, axis=0)) for u, (l1, cos) in per_seed.items()}
 
 

@@ -34,6 +34,17 @@ class PlanLengthError(PlanError):
     """A generation of another length than the non-periodic plan's table."""
 
 
+def _same_graph(a, b) -> bool:
+    """Two captures that compute the same thing: the same code, reading the same tensor
+    objects (parameters, buffers, lifted constants)."""
+    if a.code != b.code:
+        return False
+    for n in b.graph.find_nodes(op="get_attr"):
+        if getattr(a, n.target, None) is not getattr(b, n.target, None):
+            return False
+    return True
+
+
 class Engine:
     """Runs ``model`` step by step under ``schedule``. ``fallback(*args, **kwargs)`` runs
     the model as written (used while fxcache captures, and while other libraries' hooks
@@ -58,6 +69,7 @@ class Engine:
         self._forward_params = list(inspect.signature(type(self.model).forward).parameters)[1:]
         self._uid = 0
         self._snapshot: tuple | None = None
+        self._stale: dict = {}  # entries from before a guard failed, by signature
         self._warned_overrun = False
         self._warned_training = False
         self._warned_foreign: tuple | None = None
@@ -230,11 +242,13 @@ class Engine:
         snap = snapshot(self.model)
         if self._snapshot is not None and snap != self._snapshot:
             with self._lock:
+                # captured again at the next call of each shape; an identical capture keeps its graphs
+                self._stale = dict(self._entries)
                 self._entries.clear()
                 self._last_entry = None
         self._snapshot = snap
 
-    def _build(self, args: tuple, kwargs: dict) -> Entry:
+    def _build(self, args: tuple, kwargs: dict, signature: tuple) -> Entry:
         local = self._local
         busy, local.busy = local.busy, True  # a call of the model while capturing runs it as written
         try:
@@ -242,8 +256,11 @@ class Engine:
                 prepared = prepare(self.model, self.schedule, self.options, args, kwargs)
         finally:
             local.busy = busy
-        self._uid += 1
         self.captures += 1
+        old = self._stale.pop(signature, None)
+        if old is not None and _same_graph(old.captured.gm, prepared.captured.gm):
+            return old  # the guard saw a change the forward does not read: same graph, same tensors
+        self._uid += 1
         entry = build_entry(prepared, self.options, self._uid)
         self.scale_shift_adapters = entry.adapter_module
         return entry
@@ -346,7 +363,7 @@ class Engine:
             entry = self._entries.get(signature)
             if entry is None:
                 args_n, kwargs_n = pytree.tree_unflatten(flat, spec)
-                entry = self._build(args_n, kwargs_n)
+                entry = self._build(args_n, kwargs_n, signature)
                 self._entries[signature] = entry
                 while len(self._entries) > self.options.max_shapes:
                     self._entries.popitem(last=False)  # its buffers are dropped when a state meets the signature again
