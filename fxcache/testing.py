@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["FAMILIES", "Tiny", "tiny"]
 
-FAMILIES = ("unet2d", "sd", "sdxl", "dit", "pixart", "sd3", "flux", "cogvideox")
+FAMILIES = ("unet2d", "sd", "sdxl", "dit", "pixart", "sd3", "flux", "cogvideox", "wan")
 
 
 @dataclass
@@ -156,6 +156,16 @@ def tiny(family: str, batch: int = 1, dtype: torch.dtype = torch.float32, seed: 
             {"encoder_hidden_states": enc, "timestep": t.expand(batch) if t.ndim else t.repeat(batch),
              "image_rotary_emb": rotary},
         )
+        ts, unet = [999, 749, 499, 249, 0], False
+    elif family == "wan":
+        # Wan 2.1: blocks in ``blocks`` (not ``transformer_blocks``), MLP in ``ffn``: found by structure
+        model = diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        )
+        x, enc = randn(batch, 4, 2, size // 2, size // 2), randn(batch, 5, 32)
+        inputs = lambda t: ((x, t.expand(batch) if t.ndim else t.repeat(batch), enc), {})
         ts, unet = [999, 749, 499, 249, 0], False
     else:
         raise KeyError(f"unknown family {family!r}; choose one of {FAMILIES}")

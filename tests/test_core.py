@@ -415,3 +415,26 @@ def test_plan_is_immutable_and_binding_returns_a_new_plan():
     bound = unbound.bind([0, 1], plan.step_kinds)
     assert bound is not unbound and bound.bound and not unbound.bound
     assert bound.with_compile(2, "x").compiled_graphs == 2 and bound.compiled_graphs is None
+
+
+def test_wan_blocks_are_found_by_structure_and_fora_means_what_it_says():
+    """Wan keeps its blocks in ``blocks`` and its MLP in ``ffn``: no name rule finds them,
+    the structure does (a module list whose elements hold attention modules). FORA's
+    steps equal the plan written as hooks on the plain model."""
+    from _reference import NaiveReference
+
+    T = tiny("wan")
+    args, kwargs = T.inputs(T.timesteps[0])
+    units = fxcache.units(T.model, *args, **kwargs)
+    kinds = {u.name: u.kind for u in units}
+    assert kinds["blocks.0"] == "transformer_block" and kinds["blocks.1.attn2"] == "attention"
+    assert kinds["blocks.1.ffn"] == "mlp"
+    names = [n for n, k in kinds.items() if k in ("attention", "mlp")]
+    mask = fxcache.Mask.from_steps({n: [0, 2, 4] for n in names}, num_steps=len(T.timesteps))
+    cm = fxcache.compile(T.model, mask, **EAGER)
+    ref = NaiveReference(T, mask, units)
+    with torch.no_grad():
+        for step, t in enumerate(T.timesteps):
+            out = T.output(T.call(cm, t))
+            assert torch.equal(out, ref(step, t)), step
+    assert cm.plan.ideal_speedup > 1.2

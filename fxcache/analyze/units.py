@@ -10,8 +10,10 @@ Two ways a region is found:
 - **module units**, from ``node.meta["nn_module_stack"]``: every node recorded under a
   module path belongs to that module's region. U-Nets give ``down_blocks.i``,
   ``mid_block``, ``up_blocks.i``, ``*.resnets.j``, ``*.attentions.j``; transformers
-  give ``transformer_blocks.i`` and their attention (``attn``, ``attn1``, ``attn2``)
-  and feed-forward (``ff``, ``ff_context``) sublayers; SD-like U-Nets give both.
+  give their blocks and the blocks' attention and feed-forward sublayers, found by
+  structure (:func:`_block_lists`: a module list whose elements hold an attention
+  module; ``transformer_blocks.i`` in most families, ``blocks.i`` in Wan) and named by
+  their module paths; SD-like U-Nets give both.
 - **cut units**, from a value: the region is every node that only that value needs
   (its exclusive ancestors). DeepCache's ``skip_branch.m`` is the cut at the
   main-branch input of the up layer that concatenates skip connection m
@@ -126,26 +128,56 @@ _UNET_PATTERNS = [
     (re.compile(r"\.resnets\.\d+$"), "resnet"),
     (re.compile(r"\.attentions\.\d+$"), "attention"),
 ]
-_BLOCK_RE = re.compile(r"(^|\.)(transformer_blocks)\.(\d+)$")
 _SINGLE_RE = re.compile(r"(^|\.)(single_transformer_blocks)\.(\d+)$")
 _ATTN_CHILD = {"attn", "attn1", "attn2"}
 _MLP_CHILD = {"ff", "ff_context"}
 
 
-def _classify(path: str, type_name: str) -> tuple[str, int | None, str | None] | None:
+_INDEXED_RE = re.compile(r"^(.*)\.(\d+)$")
+_MLP_TYPES = {"FeedForward", "FluxFeedForward", "MLP", "Mlp"}
+
+
+def _is_attention(child: str, type_name: str) -> bool:
+    return child in _ATTN_CHILD or ("Attention" in type_name and not type_name.endswith("Processor"))
+
+
+def _is_mlp(child: str, type_name: str) -> bool:
+    return child in _MLP_CHILD or child in ("ffn", "mlp") or type_name in _MLP_TYPES
+
+
+def _block_lists(module_type: dict[str, str]) -> set[str]:
+    """Transformer blocks found by structure, not by name: the module lists (``X.0``,
+    ``X.1``, ...) whose elements have an attention module as a direct child
+    (``transformer_blocks`` in DiT, PixArt, SD3, Flux, CogVideoX and SD-like U-Nets,
+    ``blocks`` in Wan). A U-Net's ``attentions`` list holds the attention (or its
+    Transformer2DModel) itself, so it is not one."""
+    children: dict[str, list[tuple[str, str]]] = {}
+    for path, type_name in module_type.items():
+        parent, _, child = path.rpartition(".")
+        children.setdefault(parent, []).append((child, type_name))
+    lists = set()
+    for path in module_type:
+        m = _INDEXED_RE.match(path)
+        if m and any("Attention" in t and not t.endswith("Processor") for _, t in children.get(path, ())):
+            lists.add(m.group(1))
+    return lists
+
+
+def _classify(path: str, type_name: str, block_lists: set[str]) -> tuple[str, int | None, str | None] | None:
     m = _SINGLE_RE.search(path)
     if m:
         return "single_block", int(m.group(3)), None
-    m = _BLOCK_RE.search(path)
-    if m:
-        return "transformer_block", int(m.group(3)), None
+    m = _INDEXED_RE.match(path)
+    if m and m.group(1) in block_lists:
+        return "transformer_block", int(m.group(2)), None
     parent, _, child = path.rpartition(".")
-    pm = _BLOCK_RE.search(parent) or _SINGLE_RE.search(parent)
-    if pm:
-        index = int(pm.group(3))
-        if child in _ATTN_CHILD or "Attention" in type_name:
+    pm = _SINGLE_RE.search(parent)
+    bm = _INDEXED_RE.match(parent)
+    if pm or (bm and bm.group(1) in block_lists):
+        index = int(pm.group(3)) if pm else int(bm.group(2))
+        if _is_attention(child, type_name):
             return "attention", index, parent
-        if child in _MLP_CHILD or type_name == "FeedForward":
+        if _is_mlp(child, type_name):
             return "mlp", index, parent
         return None
     for pattern, kind in _UNET_PATTERNS:
@@ -245,8 +277,9 @@ def find_units(gm: fx.GraphModule) -> UnitSet:
         )
 
     by_name = {n.name: n for n in nodes}
+    block_lists = _block_lists(module_type)
     for path in sorted(module_nodes, key=lambda p: position[module_nodes[p][0].name]):
-        cls = _classify(path, module_type[path])
+        cls = _classify(path, module_type[path], block_lists)
         if cls is None:
             continue
         if path in repeated:
