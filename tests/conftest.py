@@ -24,3 +24,9 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_configure(config):
+    # diffusers' schedulers call np.array(tensor, copy=False) on every set_timesteps: one
+    # DeprecationWarning per call, thousands per scheduler test, nothing to act on here
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
