@@ -86,7 +86,7 @@ def test_a_non_periodic_plan_of_another_length_is_an_error():
     pipe, T = _dit_pipe(_scheduler("DDIMScheduler", {}))
     mask = fxcache.Mask.from_steps({"transformer_blocks.1": [0, 3, 5]}, num_steps=8)
     fxcache.enable(pipe, mask, **EAGER)
-    with pytest.raises(fxcache.PlanError, match="table for 8 denoising steps, and this pipeline call runs 5"):
+    with pytest.raises(fxcache.PlanError, match="table for 8 denoising steps, and this generation runs 5"):
         _run_dit(pipe, steps=5)
     _run_dit(pipe, steps=8)
 
@@ -201,3 +201,14 @@ def test_flux_applies_the_plan_per_denoising_step(name):
 
     units = ["transformer_blocks.0.attn", "transformer_blocks.0.ff", "single_transformer_blocks.0.attn"]
     _per_step_against_hooks(T, "transformer", getattr(diffusers, name)(), units, call, args[0])
+
+
+def test_cache_context_num_inference_steps_checks_the_length_before_the_first_step():
+    T = tiny("dit")
+    mask = fxcache.Mask.from_steps({"transformer_blocks.1": [0, 3]}, num_steps=8)
+    cm = fxcache.compile(T.model, mask, **EAGER)
+    with torch.no_grad(), cm.cache_context("cond", num_inference_steps=5):
+        with pytest.raises(fxcache.PlanError, match="generation runs 5"):
+            T.call(cm, T.timesteps[0])
+    with torch.no_grad(), cm.cache_context("cond", num_inference_steps=8):
+        T.call(cm, T.timesteps[0])

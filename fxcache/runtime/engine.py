@@ -173,7 +173,10 @@ class Engine:
         local = self._local
         previous = local.context
         local.context = name
-        given = local.step_given
+        given, expected = local.step_given, local.expected_steps
+        steps = kwargs.get("num_inference_steps")
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            local.expected_steps = steps  # diffusers' CacheContext says how long the generation is
         if step_index is not None:
             state = self._state()
             step_index = int(step_index)
@@ -187,6 +190,7 @@ class Engine:
             finally:
                 local.context = previous
                 local.step_given = given
+                local.expected_steps = expected
 
     def _state(self) -> GenerationState:
         local = self._local
@@ -265,17 +269,19 @@ class Engine:
         self.scale_shift_adapters = entry.adapter_module
         return entry
 
-    def _check_length(self, plan: Plan, state: GenerationState, source) -> None:
+    def _check_length(self, plan: Plan, state: GenerationState, total: int | None) -> None:
         """A non-periodic plan is a table for ``plan.num_steps`` steps; it is never run as a
-        prefix of itself. Attached to a pipeline, the call's number of denoising steps is
-        known before its first step: another length is a :class:`PlanLengthError`. A bare
-        model's generation that ended early is only known afterwards: warned, once."""
-        if source is not None and source.total is not None and source.total != plan.num_steps:
+        prefix of itself. When the generation's number of denoising steps is known before
+        its first step (attached to a pipeline: its progress bar; or diffusers'
+        ``cache_context(..., num_inference_steps=n)``), another length is a
+        :class:`PlanLengthError`. A bare model's generation that ended early is only known
+        afterwards: warned, once."""
+        if total is not None and total != plan.num_steps:
             raise PlanLengthError(
                 f"the plan of {type(self.model).__name__} is a table for {plan.num_steps} denoising steps, and this "
-                f"pipeline call runs {source.total}: running the first {min(source.total, plan.num_steps)} rows "
-                f"of it would not be the schedule. Build the schedule for {source.total} steps (num_steps="
-                f"{source.total}, or a profile/mask made at that length), or call the pipeline with "
+                f"generation runs {total}: running the first {min(total, plan.num_steps)} rows "
+                f"of it would not be the schedule. Build the schedule for {total} steps (num_steps="
+                f"{total}, or a profile/mask made at that length), or call the pipeline with "
                 f"num_inference_steps={plan.num_steps}"
             )
         ended, state.ended_at = state.ended_at, None
@@ -388,7 +394,8 @@ class Engine:
         plan = entry.plan
         step = state.step
         if not plan.periodic:
-            self._check_length(plan, state, source if source is not None and source.active else None)
+            total = source.total if source is not None and source.active else local.expected_steps
+            self._check_length(plan, state, total)
         elif state.ended_at is not None:
             state.ended_at = None
         if step == 0 and state.new and not (source is not None and source.active):

@@ -129,6 +129,7 @@ class ThreadStates(threading.local):
         self.states: dict = {}
         self.busy = False  # inside fxcache's own work (capture, a fallback call): calls run the model as written
         self.step_given = False  # inside cache_context(step_index=i): the step is given, no timestep rule
+        self.expected_steps = None  # inside cache_context(num_inference_steps=n): the generation's length
 
 
 def apply_timestep_rule(state: GenerationState, t: Any, rule: str, repeated: bool) -> None:
