@@ -276,7 +276,17 @@ def test_diffusers_hooks_added_after_caching_run_as_diffusers_makes_them_run(hoo
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
-def test_set_attention_backend_is_guarded():
+@pytest.fixture
+def _restore_attention_backend():
+    """diffusers' set_attention_backend also sets a process-wide active backend."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(previous)
+
+
+def test_set_attention_backend_is_guarded(_restore_attention_backend):
     """The backend is a processor attribute: a new one captures again, and the steps are
     those of a model captured with that backend from the start. (The math backend's
     captured graph is itself within 4e-7 of eager, not bit-exact: a capture-fidelity
@@ -303,3 +313,15 @@ def test_a_python_number_timestep_on_an_enabled_unet():
         ref = T.model(args[0], 500.7).sample
         fxcache.enable(T.model, _full_mask(T), **EAGER)
         assert torch.equal(T.model(args[0], 500.7).sample, ref)
+
+
+def test_another_models_attention_backend_is_guarded(_restore_attention_backend):
+    """``set_attention_backend`` on another model changes diffusers' process-wide active
+    backend, which this model's processors (no backend of their own) read: captured again."""
+    T = tiny("flux")
+    m = fxcache.enable(T.model, _full_mask(T), **EAGER)
+    _outs(T, m, 2)
+    tiny("flux").model.set_attention_backend("_native_math")
+    fxcache.engine_of(m).reset()
+    _outs(T, m, 2)
+    assert fxcache.engine_of(m).captures == 2

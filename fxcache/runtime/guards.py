@@ -13,7 +13,9 @@ value edits need no recapture, the graphs read the parameter objects at every ca
 plain values by value (numbers, strings, enums, dtypes, devices, and lists, tuples,
 dicts and sets of them); functions, hooks and modules by identity; any other object
 (an attention processor, a peft config) by identity and, one level down, by the values
-in its own ``__dict__``. A difference captures again.
+in its own ``__dict__``; and diffusers' process-wide active attention backend, which
+``set_attention_backend`` on any model sets and every processor without a backend of its
+own reads. A difference captures again.
 
 Why a snapshot rather than dynamo's guards (capturing through ``torch.compile`` with an
 fxcache backend): dynamo guards only what its trace read, which is exact, but it needs
@@ -86,10 +88,21 @@ def _key(v, depth: int, seen: set):
     return (type(v), id(v), tuple((k, _key(x, depth + 1, seen)) for k, x in d.items()))
 
 
+def _process_state() -> tuple:
+    """Process-wide values a diffusers forward reads: the active attention backend, which
+    ``set_attention_backend`` on *any* model sets, and which every processor whose own
+    backend is None uses."""
+    import sys
+
+    dispatch = sys.modules.get("diffusers.models.attention_dispatch")
+    registry = getattr(dispatch, "_AttentionBackendRegistry", None)
+    return ("attention_backend", getattr(registry, "_active_backend", None))
+
+
 def snapshot(model: torch.nn.Module) -> tuple:
     """The state of ``model`` that a captured graph may have baked in (module docstring).
     Reads no tensor values: no device sync."""
-    parts: list = []
+    parts: list = [_process_state()]
     seen: set = set()
     for name, m in model.named_modules(remove_duplicate=False):
         d = m.__dict__
