@@ -150,7 +150,8 @@ def _block_lists(module_type: dict[str, str]) -> set[str]:
     ``X.1``, ...) whose elements have an attention module as a direct child
     (``transformer_blocks`` in DiT, PixArt, SD3, Flux, CogVideoX and SD-like U-Nets,
     ``blocks`` in Wan). A U-Net's ``attentions`` list holds the attention (or its
-    Transformer2DModel) itself, so it is not one."""
+    Transformer2DModel) itself, so it is not one. A list named ``transformer_blocks`` is
+    one whatever its elements hold (as before structure was used)."""
     children: dict[str, list[tuple[str, str]]] = {}
     for path, type_name in module_type.items():
         parent, _, child = path.rpartition(".")
@@ -158,7 +159,10 @@ def _block_lists(module_type: dict[str, str]) -> set[str]:
     lists = set()
     for path in module_type:
         m = _INDEXED_RE.match(path)
-        if m and any("Attention" in t and not t.endswith("Processor") for _, t in children.get(path, ())):
+        if not m:
+            continue
+        named = m.group(1).rpartition(".")[2] == "transformer_blocks"  # diffusers' name, whatever the block holds
+        if named or any("Attention" in t and not t.endswith("Processor") for _, t in children.get(path, ())):
             lists.add(m.group(1))
     return lists
 

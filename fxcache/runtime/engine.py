@@ -39,8 +39,19 @@ def _same_graph(a, b) -> bool:
     objects (parameters, buffers, lifted constants)."""
     if a.code != b.code:
         return False
+    missing = object()
+
+    def resolve(gm, target):
+        obj = gm
+        for part in target.split("."):
+            obj = getattr(obj, part, missing)
+            if obj is missing:
+                return missing
+        return obj
+
     for n in b.graph.find_nodes(op="get_attr"):
-        if getattr(a, n.target, None) is not getattr(b, n.target, None):
+        x, y = resolve(a, n.target), resolve(b, n.target)
+        if x is missing or x is not y:
             return False
     return True
 
