@@ -25,6 +25,29 @@ SEEDS = (0, 1)
 
 
 
+def _hooked_changes(model, run, units, measure, seeds, per_seed) -> None:
+    """Run ``run(model, seed)`` per seed with a forward hook on each unit's module that
+    records ``measure(unit, mod, args, kwargs, out)`` (tensors), and add each seed's
+    changes between steps to ``per_seed``."""
+    for seed in seeds:
+        values = {u: [] for u in units}
+        handles = []
+        for unit in units:
+
+            def hook(mod, args, kwargs, out, unit=unit):
+                parts = measure(unit, mod, args, kwargs, out)
+                values[unit].append(torch.cat([p.detach().double().flatten() for p in parts]))
+
+            handles.append(model.get_submodule(unit).register_forward_hook(hook, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                run(model, seed)
+        finally:
+            for h in handles:
+                h.remove()
+        _add_changes(per_seed, values)
+
+
 def _add_changes(per_seed, values) -> None:
     """Per unit, one seed's relative L1 change and cosine similarity between steps."""
     for unit, vals in values.items():
@@ -82,27 +105,16 @@ def _hook_stats(model, run, residual, seeds=SEEDS):
     and the two have the same shape;
     returns ``{unit: (mean L1rel over seeds, mean cosine over seeds)}``."""
     per_seed = {u: ([], []) for u in residual}
-    for seed in seeds:
-        values = {u: [] for u in residual}
-        handles = []
-        for unit, res in residual.items():
+    def measure(unit, mod, args, kwargs, out):
+        res = residual[unit]
+        tensors = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        leaves = list({id(x): x for x in tensors}.values())  # a tensor returned twice counts once
+        x = args[0] if args else kwargs["hidden_states"]
+        if res and x.shape == leaves[0].shape:
+            leaves = [leaves[0] - x]
+        return leaves
 
-            def hook(mod, args, kwargs, out, unit=unit, res=res):
-                tensors = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
-                leaves = list({id(x): x for x in tensors}.values())  # a tensor returned twice counts once
-                x = args[0] if args else kwargs["hidden_states"]
-                if res and x.shape == leaves[0].shape:
-                    leaves = [leaves[0] - x]
-                values[unit].append(torch.cat([v.detach().double().flatten() for v in leaves]))
-
-            handles.append(model.get_submodule(unit).register_forward_hook(hook, with_kwargs=True))
-        try:
-            with torch.no_grad():
-                run(model, seed)
-        finally:
-            for h in handles:
-                h.remove()
-        _add_changes(per_seed, values)
+    _hooked_changes(model, run, residual, measure, seeds, per_seed)
     return {u: (np.mean(l1, axis=0), np.mean(cos, axis=0)) for u, (l1, cos) in per_seed.items()}
 
 
@@ -264,23 +276,9 @@ def _stream_hook_stats(model, run, streams, seeds=SEEDS):
     ``[(output index, input argument name), ...]`` (:func:`stream_residuals`: each
     stream's output minus its own input, found by name, not by shape)."""
     per_seed = {u: ([], []) for u in streams}
-    for seed in seeds:
-        values = {u: [] for u in streams}
-        handles = []
-        for unit, pairs in streams.items():
-
-            def hook(mod, args, kwargs, out, unit=unit, pairs=pairs):
-                parts = stream_residuals(mod, args, kwargs, out, pairs)
-                values[unit].append(torch.cat([p.detach().double().flatten() for p in parts]))
-
-            handles.append(model.get_submodule(unit).register_forward_hook(hook, with_kwargs=True))
-        try:
-            with torch.no_grad():
-                run(model, seed)
-        finally:
-            for h in handles:
-                h.remove()
-        _add_changes(per_seed, values)
+    _hooked_changes(model, run, streams,
+                    lambda unit, mod, args, kwargs, out: stream_residuals(mod, args, kwargs, out, streams[unit]),
+                    seeds, per_seed)
     return {u: (np.mean(l1, axis=0), np.mean(cos, axis=0)) for u, (l1, cos) in per_seed.items()}
 
 
