@@ -321,3 +321,31 @@ def test_a_change_the_forward_does_not_read_keeps_the_compiled_graphs():
     assert torch.equal(_out(T, cm, t), _out(T, T.model, t))
     assert cm.captures == 2 and cm.entries[0] is entry
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_unload_ip_adapter_is_guarded():
+    """What ``IPAdapterMixin.unload_ip_adapter`` does to the denoiser: the projection
+    removed, ``config.encoder_hid_dim_type`` set to None (an attribute of diffusers'
+    FrozenDict config) and the default processors back."""
+    T = _ip_adapter(tiny("sd"))
+    cm = fxcache.compile(T.model, _full_mask(T), **EAGER)
+    t = T.timesteps[1]
+    assert torch.equal(_out(T, cm, t), _out(T, T.model, t))
+    m = T.model
+    m.encoder_hid_proj = None
+    m.config.encoder_hid_dim_type = None
+    m.set_default_attn_processor()
+    cm.reset()
+    assert torch.equal(_out(T, cm, t), _out(T, m, t))
+    assert cm.captures == 2
+
+
+def test_a_config_attribute_is_guarded():
+    """``model.config.name = value`` (as diffusers' own loaders do) changes an attribute of
+    the FrozenDict, not its items: the guard sees it."""
+    from fxcache.runtime.guards import snapshot
+
+    T = tiny("dit")
+    before = snapshot(T.model)
+    T.model.config.norm_type = "something else"
+    assert snapshot(T.model) != before

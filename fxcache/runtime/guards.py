@@ -74,7 +74,13 @@ def _key(v, depth: int, seen: set):
     if isinstance(v, dict):
         if len(v) > _MAX_ITEMS:
             return (type(v), id(v), len(v))
-        return (type(v), tuple((repr(k), _key(x, depth, seen)) for k, x in v.items()))
+        items = tuple((repr(k), _key(x, depth, seen)) for k, x in v.items())
+        # a dict subclass may hold attributes too: diffusers' FrozenDict config answers
+        # ``config.name`` from them, and ``config.name = value`` changes only them
+        attrs = getattr(v, "__dict__", None)
+        if attrs:
+            items += tuple((k, _key(x, depth, seen)) for k, x in attrs.items() if not k.startswith("_FrozenDict"))
+        return (type(v), items)
     if isinstance(v, (set, frozenset)):
         return (type(v), tuple(sorted(repr(x) for x in v)))
     if isinstance(v, torch.nn.Module) or isinstance(v, _CALLABLE) or isinstance(v, type):
