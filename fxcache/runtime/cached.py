@@ -11,14 +11,12 @@ model's own keys, attributes it lacks are the model's (``config``, ``dtype``, ..
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
 from ..dropin import DropIn
 from ..errors import CheckpointError
-from ..plan import Plan
 from .engine import Engine
 from .options import CompileOptions
 
