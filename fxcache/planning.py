@@ -10,6 +10,7 @@ from .analyze.units import UnitSet
 from .errors import UnitError
 from .plan import Plan
 from .schedules import ModelFacts, adaptive_policy, lower
+from .schedules.spans import is_span
 
 __all__ = ["lower_to_plan", "check_laminar"]
 
@@ -21,6 +22,9 @@ def lower_to_plan(schedule, unitset: UnitSet, num_steps: int | None, model_class
     (a profile recorded on another model class, with other unit shapes) against the model."""
     infos = unitset.infos()
     mask = lower(schedule, infos, num_steps, model=ModelFacts.of(unitset, model_class))
+    for name in mask.units:  # residual spans the schedule names: built from the graph
+        if is_span(name):
+            unitset.add_span(name)
     by_name = unitset.by_name()
     missing = [n for n in mask.units if n not in by_name]
     if missing:

@@ -315,3 +315,63 @@ def stream_residuals(module: torch.nn.Module, args, kwargs, out, pairs) -> list:
     bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
     outs = out if isinstance(out, (tuple, list)) else (out,)
     return [outs[i] - bound[name] for i, name in pairs]
+
+
+@contextlib.contextmanager
+def hook_span(model: torch.nn.Module, blocks: Sequence[str], pairs, compute: Callable[[int], bool], forecast: int = 0):
+    """Run ``model`` with the contiguous blocks ``blocks`` cached as one residual per
+    stream, written the obvious way: a pre-hook on the first block keeps its inputs at
+    every step; a forward hook on the last block, at a computed step (``compute(step)``),
+    stores ``out[i] - input`` for each ``(i, argument name)`` of ``pairs``
+    (:func:`stream_residuals`; ``i`` None: the block returns one tensor) and, at a reused
+    step, returns ``input_now + stored`` in place of those outputs. The blocks still run
+    (they are pure), which is what skipping them means.
+
+    ``forecast=1``: a reused step adds the line through the residuals of the last two
+    computed steps, evaluated at this step (one computed step so far: the last one)."""
+    import inspect
+
+    state = {"step": 0, "compute": None, "inputs": None}
+    history: list = []  # [(step, [residual, ...])], most recent first
+
+    def pre_model(mod, args, kwargs):
+        state["compute"] = bool(compute(state["step"]))
+
+    def post_model(mod, args, kwargs, out):
+        state["step"] += 1
+
+    first, last = model.get_submodule(blocks[0]), model.get_submodule(blocks[-1])
+
+    def pre_first(mod, args, kwargs):
+        state["inputs"] = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
+
+    def post_last(mod, args, kwargs, out):
+        ins = state["inputs"]
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        idx = [0 if i is None else i for i, _ in pairs]
+        if state["compute"]:
+            history.insert(0, (state["step"], [outs[i] - ins[name] for i, (_, name) in zip(idx, pairs)]))
+            del history[forecast + 1:]
+            return None
+        if not history:
+            raise AssertionError(f"span {blocks[0]}..{blocks[-1]} reused at step {state['step']} before any computed step")
+        s0, r0 = history[0]
+        res = r0
+        if forecast and len(history) > 1:
+            s1, r1 = history[1]
+            res = [a + (a - b) / (s0 - s1) * (state["step"] - s0) for a, b in zip(r0, r1)]
+        for i, (_, name), r in zip(idx, pairs, res):
+            outs[i] = ins[name] + r
+        return outs[0] if not isinstance(out, (tuple, list)) else type(out)(outs)
+
+    handles = [
+        model.register_forward_pre_hook(pre_model, with_kwargs=True),
+        model.register_forward_hook(post_model, with_kwargs=True),
+        first.register_forward_pre_hook(pre_first, with_kwargs=True),
+        last.register_forward_hook(post_last, with_kwargs=True),
+    ]
+    try:
+        yield state
+    finally:
+        for h in handles:
+            h.remove()

@@ -54,6 +54,9 @@ class Unit:
     out_shapes: tuple = ()  # ((shape, dtype), ...) per output
     order: int = 0
     module: str | None = None  # module whose forward returns the unit's value(s)
+    # residual spans: per output, the node its residual adds back (the cache holds
+    # ``output - input``, a read is ``input_now + cache``); empty for every other unit
+    residual: tuple = ()
 
     @property
     def cache_bytes(self) -> int:
@@ -92,6 +95,7 @@ class UnitSet:
     units: list[Unit]
     full_flops: int
     skipped: dict[str, str] = field(default_factory=dict)  # module path → why it is not a unit
+    graph: fx.GraphModule | None = field(default=None, repr=False)  # the graph the units are of (for spans)
 
     def __iter__(self):
         return iter(self.units)
@@ -101,6 +105,69 @@ class UnitSet:
 
     def by_name(self) -> dict[str, Unit]:
         return {u.name: u for u in self.units}
+
+    def add_span(self, name: str) -> Unit:
+        """Materialise the residual span ``name`` (``span:FIRST..LAST``, see
+        :mod:`fxcache.schedules.spans`) as a unit of this graph, append it and return it.
+
+        Its region is every computation from the first node of block FIRST to the last
+        node of block LAST in graph order (the blocks and the glue between them: Flux's
+        text/image split between its two kinds of block). Its outputs are the values
+        leaving that region; each must add back, through residual adds alone, exactly one
+        value entering it (:func:`fxcache.analyze.residual.residual_source`), else the
+        span has no residual form and is refused (:class:`UnsupportedModelError`)."""
+        from ..schedules.spans import span_blocks
+        from .residual import residual_source
+
+        existing = self.by_name().get(name)
+        if existing is not None:
+            return existing
+        if self.graph is None:
+            raise UnsupportedModelError(f"span '{name}': these units carry no graph to build a span from")
+        gm = self.graph
+        blocks = span_blocks(name, [u.info() for u in self.units])
+        by_name = self.by_name()
+        nodes = list(gm.graph.nodes)
+        position = {n.name: i for i, n in enumerate(nodes)}
+        start = min(position[n] for n in by_name[blocks[0]].region)
+        end = max(position[n] for n in by_name[blocks[-1]].region)
+        region = {n.name for n in nodes[start : end + 1] if n.op == "call_function"}
+        for b in blocks:
+            region |= by_name[b].region
+        full_live = live_nodes(gm)
+        outputs = [n.name for n in nodes if n.name in region and n.name in full_live
+                   and any(u.name not in region for u in n.users)]
+        if not outputs:
+            raise UnsupportedModelError(f"span '{name}': no value leaves it (nothing after it uses its blocks)")
+        metas = [_tensor_meta(n) for n in nodes if n.name in set(outputs)]
+        residual = []
+        for o in outputs:
+            src = residual_source(gm, o, frozenset(region), what=f"span '{name}'")
+            if src is None:
+                raise UnsupportedModelError(
+                    f"span '{name}': the value '{o}' leaves it but adds back none of its inputs through residual "
+                    f"adds, so it has no residual (output - input) to cache; choose blocks whose outputs are "
+                    f"residual streams, or cache their sublayers (FORA)"
+                )
+            residual.append(src)
+        first = by_name[blocks[0]]
+        unit = Unit(
+            name=name,
+            kind="span",
+            region=frozenset(region),
+            outputs=tuple(outputs),
+            module_type="residual span",
+            index=first.index,
+            flops=graph_cost(gm, [n for n in nodes if n.name in region and n.name in full_live]).total,
+            out_shapes=tuple(metas),
+            order=len(self.units),
+            residual=tuple(residual),
+        )
+        self.units.append(unit)
+        for n in nodes:
+            if n.name in region:
+                n.meta.setdefault("fxcache.units", []).append(name)
+        return unit
 
     def infos(self, names=None) -> list[UnitInfo]:
         """UnitInfos, with ``parent`` = the smallest enclosing unit among ``names``."""
@@ -325,7 +392,7 @@ def find_units(gm: fx.GraphModule) -> UnitSet:
         u.order = i
     for node in nodes:
         node.meta["fxcache.units"] = [u.name for u in units if node.name in u.region]
-    return UnitSet(units=units, full_flops=full_cost.total, skipped=skipped)
+    return UnitSet(units=units, full_flops=full_cost.total, skipped=skipped, graph=gm)
 
 
 _TEMB_MODULES = ("time_embedding", "time_text_embed", "adaln_single.emb", "transformer_blocks.0.norm1.emb")

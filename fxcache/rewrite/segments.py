@@ -115,6 +115,8 @@ def build_segments(gm: fx.GraphModule, units: list[Unit], graphs: list[StepGraph
     """Cut ``gm`` into segments and return one :class:`SegmentProgram` per step kind,
     or None when some kind cannot be expressed (then per-kind graphs are used)."""
     by_unit = {u.name: u for u in units}
+    if any(u.residual for u in units):  # a span read is an add of two values; segments feed buffers only
+        return None, []
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     executed_any = set().union(*(g.executed for g in graphs))
 

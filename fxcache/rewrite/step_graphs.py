@@ -42,6 +42,7 @@ inference every node here is pure except the cache writes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -66,7 +67,7 @@ FORECAST_SLOT = ("fxcache.forecast", 0)  # the coefficient buffer: [plan unit, o
 def buffer_name(unit: str, k: int, j: int = 0) -> str:
     if unit == FORECAST_SLOT[0]:
         return "forecast_coefficients"
-    return "cache__" + unit.replace(".", "_") + f"__{k}" + (f"__h{j}" if j else "")
+    return "cache__" + re.sub(r"[^0-9A-Za-z_]", "_", unit) + f"__{k}" + (f"__h{j}" if j else "")
 
 
 def history_slots(slot: tuple, order: int) -> tuple:
@@ -148,11 +149,15 @@ def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, w
         r = resolver.resolve(value, inside)
         if r is not None:
             reads.add(r)
+            u = units[r[0]]
+            if u.residual:  # a span read adds the stored residual to the span's current input
+                need(u.residual[r[1]], _entering_view(u))
         elif value not in live:
             live.add(value)
             stack.append(by_name[value])
 
     write_src: dict[tuple, object] = {}
+    write_base: dict[tuple, object] = {}  # residual spans: the input each written residual subtracts
     for w in writes:
         u = units[w]
         # the value as seen just outside u: units inside u still apply, units that
@@ -162,8 +167,15 @@ def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, w
             r = resolver.resolve(o, inside)
             write_src[(w, k)] = r if r is not None else o
             need(o, inside)
+            if u.residual:  # the span's input, as the span sees it
+                x, x_inside = u.residual[k], _entering_view(u)
+                r = resolver.resolve(x, x_inside)
+                write_base[(w, k)] = r if r is not None else x
+                need(x, x_inside)
     for p in probes:  # the probed unit computed (as seen just outside it), and its own cache read
         u = units[p]
+        if u.residual:
+            raise PlanError(f"unit '{p}' is a residual span; scale-shift adapters are trained on sublayer units only")
         inside = lambda v, u=u: v.name == u.name or v.contains(u)
         for k, o in enumerate(u.outputs):
             r = resolver.resolve(o, inside)
@@ -181,7 +193,13 @@ def _liveness(gm: fx.GraphModule, units: dict[str, Unit], resolver: _Resolver, w
         node = stack.pop()
         for arg in node.all_input_nodes:
             need(arg.name, lambda v, n=node.name: n in v.region)
-    return live, reads, write_src
+    return live, reads, write_src, write_base
+
+
+def _entering_view(span: Unit) -> Callable[[Unit], bool]:
+    """``inside`` for a value entering ``span``: seen as the span's own nodes see it
+    (the units enclosing the span, and the span itself, do not apply to that use)."""
+    return lambda v, u=span: v.name == u.name or v.contains(u)
 
 
 def build_step_graph(
@@ -223,7 +241,7 @@ def build_step_graph(
             raise PlanError(f"unit '{p}' is probed but not reused at this step; only a cache read can be probed")
     resolver = _Resolver(units, reused)
     adapter, temb = adapters if adapters is not None else (None, None)
-    live, reads, write_src = _liveness(gm, by_unit, resolver, writes, roots=(temb,) if adapter is not None else (),
+    live, reads, write_src, write_base = _liveness(gm, by_unit, resolver, writes, roots=(temb,) if adapter is not None else (),
                                        probes=probes)
 
     read_order = sorted(reads, key=lambda r: (by_unit[r[0]].order, r[1]))
@@ -303,10 +321,32 @@ def build_step_graph(
         return adapted[slot]
 
     detached: dict[tuple, fx.Node] = {}
+    restored: dict[tuple, fx.Node] = {}
+
+    def stored(slot: tuple) -> fx.Node:
+        """The unit's value from its slot: the stored value (or its forecast); for a
+        residual span, the span's current input plus the stored residual (one add)."""
+        unit = by_unit[slot[0]]
+        if not unit.residual:
+            return base(slot)
+        if slot not in restored:
+            x = unit.residual[slot[1]]
+            r = resolver.resolve(x, _entering_view(unit))
+            x_now = read(r) if r is not None else env[x]
+            buf = base(slot)
+            node = graph.call_function(torch.ops.aten.add.Tensor, (x_now, buf))
+            want = buf.meta["val"]
+            node.meta["val"] = want
+            node.meta["fxcache.span_read"] = slot
+            if _dtype(x_now) != want.dtype:  # the stream was cast inside the span
+                node = graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": want.dtype})
+                node.meta["val"] = want
+            restored[slot] = node
+        return restored[slot]
 
     def read(slot: tuple) -> fx.Node:
-        """The value a user outside the unit sees: the buffer, or its adapted value."""
-        return adapt(slot) if adapter is not None and adapter.has(*slot) else base(slot)
+        """The value a user outside the unit sees: the stored value, or its adapted value."""
+        return adapt(slot) if adapter is not None and adapter.has(*slot) else stored(slot)
 
     def load(arg: fx.Node, user: str):
         r = resolver.resolve(arg.name, lambda v: user in v.region)
@@ -339,7 +379,12 @@ def build_step_graph(
     outputs = fresh_outputs(graph, outputs)
     for slot in write_slots:
         src = write_src[slot]
-        value = base(src) if isinstance(src, tuple) else env[src]
+        value = stored(src) if isinstance(src, tuple) else env[src]
+        if slot in write_base:  # a residual span stores output - input
+            sub = write_base[slot]
+            x = stored(sub) if isinstance(sub, tuple) else env[sub]
+            value = graph.call_function(torch.ops.aten.sub.Tensor, (value, x))
+            value.meta["val"] = buf_nodes[slot].meta["val"]
         chain = history_slots(slot, forecast)
         for newer, older in zip(reversed(chain[:-1]), reversed(chain[1:])):  # the history shifts, oldest first
             graph.call_function(torch.ops.aten.copy_.default, (buf_nodes[older], buf_nodes[newer]))
@@ -360,6 +405,11 @@ def build_step_graph(
         executed=frozenset(executed),
         probes=probes,
     )
+
+
+def _dtype(node: fx.Node):
+    v = node.meta.get("val")
+    return v.dtype if isinstance(v, torch.Tensor) else None
 
 
 def _graph_module(gm: fx.GraphModule, graph: fx.Graph, adapter) -> fx.GraphModule:

@@ -20,6 +20,7 @@ from ._validate import (
     _unknown_units,
 )
 from .registry import ModelFacts, _serialisable, register_check, register_lowering, schedule_from_dict, schedule_from_json
+from .spans import is_span, span_blocks
 
 __all__ = ["Mask", "mask_from_dict", "rectify"]
 
@@ -225,11 +226,24 @@ class Mask(_Config):
             raise ScheduleError(f"mask file '{path}': {exc}") from None
 
 
+def _missing_units(names: Sequence[str], units: list[UnitInfo]) -> list[str]:
+    """Names that are neither units nor spans of blocks (a span with bad ends raises)."""
+    have = {u.name for u in units}
+    missing = []
+    for n in names:
+        if n in have:
+            continue
+        if is_span(n):
+            span_blocks(n, units)  # raises, saying what is wrong with it
+            continue
+        missing.append(n)
+    return missing
+
+
 @register_check(Mask)
 def _check_mask(mask: Mask, units: list[UnitInfo], model: ModelFacts) -> None:
     available = [u.name for u in units]
-    have = set(available)
-    missing = [n for n in mask.units if n not in have]
+    missing = _missing_units(mask.units, units)
     if missing:
         raise _unknown_units(missing, available, "the Mask", model.skipped)
 
@@ -237,8 +251,7 @@ def _check_mask(mask: Mask, units: list[UnitInfo], model: ModelFacts) -> None:
 @register_lowering(Mask)
 def _lower_mask(mask: Mask, units: list[UnitInfo], num_steps: int | None) -> Mask:
     available = [u.name for u in units]
-    have = set(available)
-    missing = [n for n in mask.units if n not in have]
+    missing = _missing_units(mask.units, units)
     if missing:
         raise _unknown_units(missing, available, "the Mask")
     if not mask.periodic and num_steps is not None and num_steps != mask.num_steps:

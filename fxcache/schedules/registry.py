@@ -199,10 +199,12 @@ def to_plan(
     """``lower`` then build the (unbound) :class:`~fxcache.plan.Plan`; for reports and tests."""
     from ..plan import Plan
 
+    from .spans import is_span, span_info
+
     mask = lower(schedule, units, num_steps, model=model)
     by_name = {u.name: u for u in units}
     return Plan(
-        [by_name[n] for n in mask.units], mask.table, periodic=mask.periodic, full_flops=full_flops, schedule=schedule
+        [by_name[n] if n in by_name or not is_span(n) else span_info(n, units) for n in mask.units], mask.table, periodic=mask.periodic, full_flops=full_flops, schedule=schedule
     )
 
 
