@@ -12,7 +12,7 @@ from .errors import CaptureError, CheckpointError, FxcacheError, OptionError, Un
 from .plan import Plan, PlanError, UnitInfo
 from .runtime import CachedModel
 from .schedules import FORA, BlockCache, DeepCache, LearnedMask, Mask, ScheduleError, rectify
-from .schedules import AdaptiveDeepCache, FirstBlockCache, MagCache, TeaCache
+from .schedules import AdaptiveDeepCache, DBCache, FirstBlockCache, MagCache, TeaCache
 from .calibrate.fit import fit_magcache, fit_teacache
 from .calibrate.mask_learning import MaskLearningResult, learn_mask, learn_mask_details
 from .artefacts import Profile
@@ -38,6 +38,7 @@ __all__ = [
     "BlockCache",
     "LearnedMask",
     "FirstBlockCache",
+    "DBCache",
     "AdaptiveDeepCache",
     "MagCache",
     "fit_magcache",

@@ -35,10 +35,49 @@ def _clone(x):
     return x.detach().clone()
 
 
+class Span:
+    """A reuse target for :func:`_run_with_reuse_hooks`: the contiguous blocks ``blocks``
+    as one residual per stream (``pairs``: ``(output index or None, input name)``), as
+    :func:`_reference.hook_span` means it: at a computed step the last block's outputs
+    minus the first block's inputs are stored; at a reused step the last block returns
+    the first block's current inputs plus them."""
+
+    def __init__(self, blocks, pairs):
+        self.blocks, self.pairs = list(blocks), list(pairs)
+
+    def install(self, model, compute, cache, handles):
+        import inspect
+
+        seen = {}
+
+        def pre(mod, args, kwargs):
+            seen["in"] = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
+
+        def post(mod, args, out):
+            outs = list(out) if isinstance(out, (tuple, list)) else [out]
+            idx = [0 if i is None else i for i, _ in self.pairs]
+            if compute:
+                cache["span"] = [_clone(outs[i] - seen["in"][n]) for i, (_, n) in zip(idx, self.pairs)]
+                return None
+            for i, (_, n), r in zip(idx, self.pairs, cache["span"]):
+                outs[i] = seen["in"][n] + r
+            return type(out)(outs) if isinstance(out, (tuple, list)) else outs[0]
+
+        handles.append(model.get_submodule(self.blocks[0]).register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(model.get_submodule(self.blocks[-1]).register_forward_hook(post))
+
+
+DIT_SPAN = Span(["transformer_blocks.1", "transformer_blocks.2"], [(None, "hidden_states")])
+
+
 def _run_with_reuse_hooks(model, paths, compute, cache, handles, call):
     """One eager call: each module in ``paths`` stores its output in ``cache`` when
-    ``compute``, else returns the stored one; ``handles`` (hooks already installed, e.g.
-    the probe's) are removed with these afterwards."""
+    ``compute``, else returns the stored one (``paths`` a :class:`Span`: the span's
+    residuals); ``handles`` (hooks already installed, e.g. the probe's) are removed with
+    these afterwards."""
+    if isinstance(paths, Span):
+        paths.install(model, compute, cache, handles)
+        paths = []
     for path in paths:
         def hook(mod, args, out, path=path):
             if compute:
@@ -69,7 +108,8 @@ class AdaptiveReference:
 
     def __init__(self, model, reused, probe, residual, threshold, first_steps=1, last_steps=0, max_reuse=None,
                  num_steps=None):
-        self.model, self.reused, self.probe, self.residual = model, list(reused), probe, residual
+        self.model, self.probe, self.residual = model, probe, residual
+        self.reused = reused if isinstance(reused, Span) else list(reused)
         self.threshold, self.first, self.last, self.max_reuse, self.num_steps = (
             threshold, first_steps, last_steps, max_reuse, num_steps)
 
@@ -123,8 +163,9 @@ def _generation(cm, calls):
         return [c(cm) for c in calls]
 
 
-def _fbc_ref(T, threshold, **limits):
-    return AdaptiveReference(T.model, DIT_REUSED, "transformer_blocks.0", True, threshold, **limits)
+def _fbc_ref(T, threshold, reuse="span", **limits):
+    reused = DIT_SPAN if reuse == "span" else DIT_REUSED
+    return AdaptiveReference(T.model, reused, "transformer_blocks.0", True, threshold, **limits)
 
 
 def _adc_ref(T, threshold, branch=1, **limits):
@@ -150,15 +191,41 @@ def _check(cm, ref, calls):
     [{}, dict(max_reuse=2), dict(first_steps=3, last_steps=2, num_steps=10)],
     ids=["default", "max_reuse", "first_last"],
 )
-def test_first_block_cache_matches_reference(limits):
+@pytest.mark.parametrize("reuse", ["span", "sublayers"])
+def test_first_block_cache_matches_reference(limits, reuse):
+    limits = dict(limits)  # shared between the parametrised cases
     T = tiny("dit", batch=2)
     num_steps = limits.pop("num_steps", None)
-    sched = fxcache.FirstBlockCache(0.15, **limits)
+    sched = fxcache.FirstBlockCache(0.15, reuse=reuse, **limits) if reuse != "span" else fxcache.FirstBlockCache(
+        0.15, **limits)  # spans are the default on transformers
     cm = fxcache.compile(T.model, sched, num_steps=num_steps, **EAGER)
-    rec = _check(cm, _fbc_ref(T, 0.15, num_steps=num_steps, **limits), _dit_calls(T))
+    rec = _check(cm, _fbc_ref(T, 0.15, reuse, num_steps=num_steps, **limits), _dit_calls(T))
     # the check means something: both kinds ran
     assert True in rec[2:] and False in rec
-    assert set(cm.plan.units) == set(DIT_REUSED) and cm.plan.adaptive is not None
+    want = ["span:transformer_blocks.1..transformer_blocks.2"] if reuse == "span" else DIT_REUSED
+    assert set(cm.plan.units) == set(want) and cm.plan.adaptive is not None
+
+
+def test_dbcache_is_first_block_cache_with_computed_trailing_blocks():
+    """DBCache(Fn=1, Bn=1): block 0 probes, block 2 always runs, the span over block 1 is
+    reused; against the hook oracle. DBCache(1, 0, t) lowers as FirstBlockCache(t)."""
+    from fxcache.schedules import lower
+
+    T = tiny("dit", batch=2)
+    cm = fxcache.compile(T.model, fxcache.DBCache(1, 1, 0.15), **EAGER)
+    ref = AdaptiveReference(T.model, Span(["transformer_blocks.1"], [(None, "hidden_states")]),
+                            "transformer_blocks.0", True, 0.15)
+    rec = _check(cm, ref, _dit_calls(T))
+    assert True in rec[2:] and False in rec
+    assert cm.plan.units == ("span:transformer_blocks.1..transformer_blocks.1",)
+    args, kwargs = T.inputs(T.timesteps[0])
+    infos = fxcache.units(T.model, *args, **kwargs).infos()
+    assert lower(fxcache.DBCache(1, 0, 0.1), infos) == lower(fxcache.FirstBlockCache(0.1), infos)
+    assert schedule_from_json(fxcache.DBCache(2, 1, 0.1).to_json()) == fxcache.DBCache(2, 1, 0.1)
+    with pytest.raises(fxcache.ScheduleError, match="Fn"):
+        lower(fxcache.DBCache(2, 1, 0.1), infos)
+    with pytest.raises(fxcache.ScheduleError, match="Bn"):
+        fxcache.DBCache(1, -1, 0.1)
 
 
 @pytest.mark.parametrize("limits", [{}, dict(max_reuse=1, last_steps=1, num_steps=10)], ids=["default", "limits"])
@@ -186,21 +253,27 @@ def test_first_block_cache_on_flux_pairs_each_stream_with_its_own_input():
     args, kwargs = T.inputs(FLUX_STEPS[0])
     assert args[0].shape == kwargs["encoder_hidden_states"].shape[:2] + (16,)  # 16 image, 16 text tokens
     calls = _dit_calls(T, FLUX_STEPS)
-    sched = fxcache.FirstBlockCache(0.2, max_reuse=2)
-    cm = fxcache.compile(T.model, sched, backend=None)
-    with torch.no_grad():
-        outs = [c(cm) for c in calls]
-    unitset = cm.entries[-1].units
-    reused = module_paths(unitset, cm.plan.units)
-    assert reused == ["single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"]
-    ref = AdaptiveReference(T.model, reused, "transformer_blocks.0", FLUX_STREAMS, 0.2, max_reuse=2)
-    ref_outs, ref_computed, ref_stats = ref.run(calls)
-    rec = cm.decisions()[None]
-    assert rec.statistic[0] == math.inf
-    assert rec.statistic[1:] == pytest.approx(ref_stats[1:], rel=1e-5)
-    assert list(rec) == ref_computed and True in ref_computed[2:] and False in ref_computed
-    for step, (a, b) in enumerate(zip(outs, ref_outs)):
-        assert torch.equal(a, b), step
+    for reuse in ("span", "sublayers"):
+        sched = fxcache.FirstBlockCache(0.2, max_reuse=2, reuse=reuse)
+        cm = fxcache.compile(T.model, sched, backend=None)
+        with torch.no_grad():
+            outs = [c(cm) for c in calls]
+        unitset = cm.entries[-1].units
+        if reuse == "span":
+            assert cm.plan.units == ("span:single_transformer_blocks.0..single_transformer_blocks.1",)
+            reused = Span(["single_transformer_blocks.0", "single_transformer_blocks.1"],
+                          [(0, "encoder_hidden_states"), (1, "hidden_states")])
+        else:
+            reused = module_paths(unitset, cm.plan.units)
+            assert reused == ["single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"]
+        ref = AdaptiveReference(T.model, reused, "transformer_blocks.0", FLUX_STREAMS, 0.2, max_reuse=2)
+        ref_outs, ref_computed, ref_stats = ref.run(calls)
+        rec = cm.decisions()[None]
+        assert rec.statistic[0] == math.inf
+        assert rec.statistic[1:] == pytest.approx(ref_stats[1:], rel=1e-5)
+        assert list(rec) == ref_computed and True in ref_computed[2:] and False in ref_computed
+        for step, (a, b) in enumerate(zip(outs, ref_outs)):
+            assert torch.equal(a, b), (reuse, step)
     # one probe value per stream, each subtracting a different input
     probes = cm.entries[-1].adaptive.probes
     assert [p[0] for p in probes] == list(unitset.by_name()["transformer_blocks.0"].outputs)
@@ -415,8 +488,19 @@ def test_schedules_refuse_models_and_settings_they_do_not_fit():
         lower(fxcache.AdaptiveDeepCache(0.1, branch=9), unet)
     with pytest.raises(fxcache.ScheduleError, match="num_steps"):
         lower(fxcache.FirstBlockCache(0.1, last_steps=2), dit)
-    mask = lower(fxcache.FirstBlockCache(0.1, probe=2), dit)
+    mask = lower(fxcache.FirstBlockCache(0.1, probe=2, reuse="sublayers"), dit)
     assert mask.units == ("transformer_blocks.2.attn1", "transformer_blocks.2.ff") and mask.periodic
+    mask = lower(fxcache.FirstBlockCache(0.1, probe=2), dit)
+    assert mask.units == ("span:transformer_blocks.2..transformer_blocks.2",)
+    with pytest.raises(fxcache.ScheduleError, match="reuse"):
+        fxcache.FirstBlockCache(0.1, reuse="blocks")
+    # SD's U-Net: its transformer blocks sit inside the stages; auto falls back to sublayers
+    S = tiny("sd")
+    args, kwargs = S.inputs(S.timesteps[0])
+    sd = fxcache.units(S.model, *args, **kwargs).infos()
+    assert not any(n.startswith("span:") for n in lower(fxcache.FirstBlockCache(0.1), sd).units)
+    with pytest.raises(fxcache.ScheduleError, match="U-Net"):
+        lower(fxcache.FirstBlockCache(0.1, reuse="span"), sd)
 
 
 # ------------------------------------------------------------------------- MagCache
@@ -504,7 +588,7 @@ def test_magcache_is_a_static_plan_matching_the_hook_reference():
 
     T = tiny("dit", batch=2)
     ratios = (1.0, 0.97, 0.99, 1.02, 0.96, 0.99, 0.98, 1.05, 0.97, 0.99)
-    sched = fxcache.MagCache(0.08, ratios=ratios, max_reuse=2, last_steps=1)
+    sched = fxcache.MagCache(0.08, ratios=ratios, max_reuse=2, last_steps=1, reuse="sublayers")
     cm = fxcache.compile(T.model, sched, **EAGER)
     calls = _dit_calls(T)
     outs = _generation(cm, calls)
@@ -575,7 +659,7 @@ class TeaReference:
         self.first, self.last, self.max_reuse, self.num_steps = first_steps, last_steps, max_reuse, num_steps
         self.probe = probe or (lambda seen: model.get_submodule("transformer_blocks.0.norm1").register_forward_hook(
             lambda mod, args, out: seen.__setitem__("m", out[0].float())))
-        self.reused = DIT_ALL if reused is None else list(reused)
+        self.reused = DIT_ALL if reused is None else reused if isinstance(reused, Span) else list(reused)
 
     def run(self, calls):
         cache, prev, pending, run = {}, None, False, 0
@@ -612,22 +696,26 @@ def _teacache_run(T):
 
 
 @pytest.mark.parametrize("limits", [{}, dict(max_reuse=2, last_steps=1, num_steps=10)], ids=["default", "limits"])
-def test_teacache_matches_reference(limits):
+@pytest.mark.parametrize("reuse", ["span", "sublayers"])
+def test_teacache_matches_reference(limits, reuse):
+    limits = dict(limits)  # shared between the parametrised cases
     T = tiny("dit", batch=2)
     num_steps = limits.pop("num_steps", None)
     coefficients = (2.0, -0.5, 1.5, 0.01)
-    cm = fxcache.compile(T.model, fxcache.TeaCache(0.25, coefficients=coefficients, **limits), num_steps=num_steps,
-                         **EAGER)
+    cm = fxcache.compile(T.model, fxcache.TeaCache(0.25, coefficients=coefficients, reuse=reuse, **limits),
+                         num_steps=num_steps, **EAGER)
     calls = _dit_calls(T)
     outs = _generation(cm, calls)
+    reused = Span([f"transformer_blocks.{i}" for i in range(3)], [(None, "hidden_states")]) if reuse == "span" else None
     ref_outs, ref_computed, ref_stats = TeaReference(T.model, 0.25, coefficients, num_steps=num_steps,
-                                                     **limits).run(calls)
+                                                     reused=reused, **limits).run(calls)
     rec = cm.decisions()[None]
     assert list(rec) == ref_computed and True in ref_computed[2:] and False in ref_computed
     assert rec.statistic == ref_stats
     for a, b in zip(outs, ref_outs):
         assert torch.equal(a, b)
-    assert set(cm.plan.units) == set(DIT_ALL)
+    want = ["span:transformer_blocks.0..transformer_blocks.2"] if reuse == "span" else DIT_ALL
+    assert set(cm.plan.units) == set(want)
 
 
 def test_teacache_on_pixart_probes_the_timestep_modulated_input():
@@ -653,7 +741,8 @@ def test_teacache_on_pixart_probes_the_timestep_modulated_input():
     assert rel > 1e-3 and stat[1] == pytest.approx(rel, rel=1e-5)
     # a whole generation against the hook oracle
     coefficients = (2.0, -0.5, 1.5, 0.01)
-    cm = fxcache.compile(T.model, fxcache.TeaCache(0.3, coefficients=coefficients, max_reuse=2), **EAGER)
+    cm = fxcache.compile(T.model, fxcache.TeaCache(0.3, coefficients=coefficients, max_reuse=2, reuse="sublayers"),
+                         **EAGER)
     calls = _dit_calls(T)
     outs = _generation(cm, calls)
     reused = module_paths(cm.entries[-1].units, cm.plan.units)

@@ -209,8 +209,9 @@ def add_decision(
     (module doc); ``full``: this kind computes every unit (it stores the reference).
     ``probes``: :func:`probe_values`. A probe value that this kind does not compute (the
     modulated input that only a reused sublayer reads) is computed from ``source``, the
-    captured graph: its nodes that ``gm`` lacks are copied, provided none of them lies in
-    a unit of ``reused`` (``Unit`` objects: their values are not this step's).
+    captured graph: its nodes that ``gm`` lacks are copied, provided none of them
+    is an output of a unit of ``reused`` (``Unit`` objects: their values are not this
+    step's; nodes inside them that the probe needs are computed afresh).
 
     ``group``: the name of a process group (context parallelism: each rank holds a shard
     of the probe values). The statistic's numerator and denominator are then summed over
@@ -351,11 +352,14 @@ def _materialize(graph: fx.Graph, by_name: dict, source: fx.GraphModule, names, 
         stack.extend(node.all_input_nodes)
     if not needed:
         return
-    bad = [(n.name, u.name) for n in needed for u in reused if n.name in u.region]
+    # nodes inside a reused unit are computed afresh from this step's values (TeaCache's
+    # modulated input inside a reused span), but not the unit's own outputs: that would
+    # run what the step reuses
+    bad = [(n.name, u.name) for n in needed for u in reused if n.name in u.outputs]
     if bad:
         raise UnsupportedModelError(
-            f"{policy.name}: the probe value needs node '{bad[0][0]}' of unit '{bad[0][1]}', which this kind of "
-            f"step reuses; choose a probe outside the reused units"
+            f"{policy.name}: the probe value needs '{bad[0][0]}', the value of unit '{bad[0][1]}', which this "
+            f"kind of step reuses; choose a probe outside the reused units"
         )
     order = {n.name: i for i, n in enumerate(source.graph.nodes)}
     output = graph.find_nodes(op="output")[0]

@@ -24,10 +24,11 @@ FORA               fora.txt Sec. 3.2                           attention/MLP sub
                                                                single-block ``.branch``)
 BlockCache         block-caching.txt Eq. 6-7                   units of given kinds / names
 LearnedMask        timestep-aware-block-masking.txt            (learned by fxcache.learn_mask)
-FirstBlockCache    FBCache (ParaAttention); adaptive           attention/MLP after the probe
+FirstBlockCache    FBCache (ParaAttention); adaptive           residual span after the probe
+DBCache            cache-dit's DBCache; adaptive               span between Fn and Bn blocks
 AdaptiveDeepCache  DeepCache, adaptive refresh (fxcache)       ``skip_branch.{branch}``
-TeaCache           TeaCache; adaptive, fitted polynomial       attention/MLP sublayers (FORA's)
-MagCache           MagCache; static table from calibrated      attention/MLP sublayers (FORA's)
+TeaCache           TeaCache; adaptive, fitted polynomial       residual span over all blocks
+MagCache           MagCache; static table from calibrated      residual span over all blocks
                    magnitude ratios
 Mask               -                                           the units it names
 =================  ==========================================  ==============================
@@ -58,7 +59,8 @@ from .deepcache import DEEPCACHE_DEFAULT_CENTER, DEEPCACHE_DEFAULT_POWER, DeepCa
 from .fora import FORA, fora_units
 from .block_cache import BlockCache, delta_refresh
 from .learned_mask import LearnedMask
-from .adaptive import AdaptiveDeepCache, AdaptivePolicy, FirstBlockCache, TeaCache
+from .adaptive import AdaptiveDeepCache, AdaptivePolicy, DBCache, FirstBlockCache, TeaCache
+from .spans import parse_span, span_name
 from .magcache import MagCache, magcache_rows
 
 __all__ = [
@@ -90,6 +92,9 @@ __all__ = [
     "register_check",
     # adaptive schedules (issue 10): the step kind is chosen at run time, one step late
     "FirstBlockCache",
+    "DBCache",
+    "span_name",
+    "parse_span",
     "AdaptiveDeepCache",
     "AdaptivePolicy",
     "MagCache",

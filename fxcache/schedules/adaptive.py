@@ -24,12 +24,17 @@ Host-side limits on top of the device's flag, common to every policy: the first
 ==================  ==============================================  =====================
 schedule            follows                                         reuses
 ==================  ==============================================  =====================
-FirstBlockCache     FBCache (ParaAttention), diffusers'              attention/MLP of the
-                    FirstBlockCache                                  blocks after the probe
+FirstBlockCache     FBCache (ParaAttention), diffusers'              one residual span over
+                    FirstBlockCache                                  the blocks after the
+                                                                     probe (or their
+                                                                     sublayers)
+DBCache             cache-dit's DBCache (Fn probe blocks, Bn         the span between them
+                    trailing blocks)
 AdaptiveDeepCache   DeepCache (deepcache.txt) with an adaptive      ``skip_branch.{branch}``
                     refresh (fxcache)
-TeaCache            TeaCache (Liu et al. 2025), polynomial fitted    attention/MLP of every
-                    by fxcache.fit_teacache                          block
+TeaCache            TeaCache (Liu et al. 2025), polynomial fitted    one residual span over
+                    by fxcache.fit_teacache                          every block (or their
+                                                                     sublayers)
 ==================  ==============================================  =====================
 """
 
@@ -46,11 +51,47 @@ from .deepcache import skip_branches
 from .fora import fora_units
 from .mask import Mask
 from .registry import _serialisable, register_lowering, register_policy
+from .spans import BLOCK_KINDS, block_units, span_name
 
-__all__ = ["AdaptivePolicy", "FirstBlockCache", "AdaptiveDeepCache", "TeaCache", "BLOCK_KINDS"]
+__all__ = ["AdaptivePolicy", "FirstBlockCache", "DBCache", "AdaptiveDeepCache", "TeaCache", "BLOCK_KINDS",
+           "REUSE_FORMS", "reused_blocks"]
 
-#: unit kinds that are whole transformer blocks (the probe of :class:`FirstBlockCache`)
-BLOCK_KINDS = ("transformer_block", "single_block")
+#: how the transformer schedules reuse blocks: ``"span"``: one residual over the run of
+#: blocks (:mod:`.spans`, the published form of FBCache, TeaCache, MagCache, DBCache);
+#: ``"sublayers"``: FORA's attention/MLP units of each block (the current adaLN gates
+#: applied to cached branch outputs); ``"auto"``: spans, except on U-Nets, whose
+#: transformer blocks sit inside the U-Net's stages (no chain of blocks to span)
+REUSE_FORMS = ("auto", "span", "sublayers")
+_UNET_KINDS = {"down_block", "up_block", "mid_block", "resnet", "skip_branch"}
+
+
+def _check_reuse(cls: str, s) -> None:
+    if s.reuse not in REUSE_FORMS:
+        raise _bad(cls, "reuse", s.reuse, "'auto', 'span' (one residual over the blocks) or 'sublayers' "
+                                         "(FORA's attention/MLP units of each block)")
+
+
+def reused_blocks(cls: str, reuse: str, blocks: Sequence[UnitInfo], units: Sequence[UnitInfo]) -> list[str]:
+    """The units a transformer schedule reuses over the run of blocks ``blocks`` (a
+    contiguous slice of the model's blocks): one span, or their FORA sublayers."""
+    if not blocks:
+        raise UnknownUnitError(f"{cls}: no transformer blocks are left to reuse")
+    unet = bool(_UNET_KINDS & {u.kind for u in units})
+    if reuse == "span" or (reuse == "auto" and not unet):
+        if unet:
+            raise UnknownUnitError(
+                f"{cls}(reuse='span'): this model's transformer blocks sit inside U-Net stages, not in one chain "
+                f"that a residual span can cover; use reuse='sublayers' (or 'auto')"
+            )
+        return [span_name(blocks[0].name, blocks[-1].name)]
+    names = {b.name for b in blocks}
+    rest = [u.name for u in fora_units(units) if (u.block or u.parent) in names]
+    if not rest:
+        raise UnknownUnitError(
+            f"{cls} found no attention/MLP sublayers in the blocks {sorted(names)} to reuse "
+            f"(unit kinds found: {_kinds_found(units)})"
+        )
+    return rest
 
 
 @dataclass(frozen=True)
@@ -132,11 +173,13 @@ class FirstBlockCache(_Config):
     and the image output minus the image input) since the last fully computed step is
     below ``threshold``, the rest is reused.
 
-    Reused are the attention and MLP sublayers (Flux single blocks: the residual branch)
-    of every block after the probe, as in FORA: the current probe output still flows
-    through the residual stream, with the current adaLN gates applied to the cached
-    branch outputs (the graph form of FBCache's "add the cached residual of the
-    remaining blocks").
+    Reused (``reuse="span"``, the default on transformers) is one residual span over every
+    block after the probe (:mod:`.spans`): the current probe output plus the residual
+    ``out - in`` of the remaining blocks stored at the last full step, per stream, which
+    is FBCache's "add the cached residual of the remaining blocks". ``reuse="sublayers"``
+    reuses the attention and MLP sublayers (Flux single blocks: the residual branch) of
+    those blocks instead, as FORA: the current adaLN gates apply to the cached branch
+    outputs, at the memory cost of two or three tensors per block.
 
     Decided one step late (module doc): the statistic of step k, measured against the
     probe residual stored at the last full step, chooses the kind of step k+1. At the
@@ -147,6 +190,8 @@ class FirstBlockCache(_Config):
     first_steps: steps computed at the start of a generation (>= 1).
     last_steps:  steps computed at the end (needs ``num_steps``).
     max_reuse:   most consecutive reused steps (None: no limit).
+    reuse:       ``"auto"`` (spans on transformers, sublayers on U-Nets), ``"span"`` or
+                 ``"sublayers"`` (:data:`REUSE_FORMS`).
     """
 
     threshold: float
@@ -154,29 +199,33 @@ class FirstBlockCache(_Config):
     first_steps: int = 1
     last_steps: int = 0
     max_reuse: int | None = None
+    reuse: str = "auto"
 
     def __post_init__(self) -> None:
         _check_limits("FirstBlockCache", self)
         object.__setattr__(self, "probe", _check_int("FirstBlockCache", "probe", self.probe, 1))
+        _check_reuse("FirstBlockCache", self)
+
+
+def _probe_split(cls: str, probe: int, tail: int, reuse: str, units: list[UnitInfo]) -> tuple[list[str], list[str]]:
+    """FirstBlockCache and DBCache: the ``probe`` leading blocks always run, the last
+    ``tail`` blocks always run, the blocks between are reused."""
+    blocks = block_units(units)
+    if not blocks:
+        raise UnknownUnitError(
+            f"{cls} probes the first transformer block(s); this model has none (unit kinds found: "
+            f"{_kinds_found(units)}). Use AdaptiveDeepCache (U-Nets) instead."
+        )
+    if probe + tail >= len(blocks):
+        what = "probe" if cls == "FirstBlockCache" else "Fn + Bn"
+        raise _bad(cls, "probe" if cls == "FirstBlockCache" else "Fn", probe,
+                   f"such that {what} is less than the model's {len(blocks)} transformer blocks (Bn = {tail})")
+    middle = blocks[probe: len(blocks) - tail]
+    return [u.name for u in blocks[:probe]], reused_blocks(cls, reuse, middle, units)
 
 
 def _fbc_split(s: FirstBlockCache, units: list[UnitInfo]) -> tuple[list[str], list[str]]:
-    blocks = [u for u in units if u.kind in BLOCK_KINDS]
-    if not blocks:
-        raise UnknownUnitError(
-            f"FirstBlockCache probes the first transformer block(s); this model has none (unit kinds found: "
-            f"{_kinds_found(units)}). Use AdaptiveDeepCache (U-Nets) instead."
-        )
-    if s.probe >= len(blocks):
-        raise _bad("FirstBlockCache", "probe", s.probe, f"less than the model's {len(blocks)} transformer blocks")
-    probe = [u.name for u in blocks[: s.probe]]
-    rest = [u.name for u in fora_units(units) if (u.block or u.parent) not in set(probe)]
-    if not rest:
-        raise UnknownUnitError(
-            f"FirstBlockCache found no attention/MLP sublayers after the probe blocks {probe} to reuse "
-            f"(unit kinds found: {_kinds_found(units)})"
-        )
-    return probe, rest
+    return _probe_split("FirstBlockCache", s.probe, 0, s.reuse, units)
 
 
 @register_lowering(FirstBlockCache)
@@ -191,6 +240,57 @@ def _policy_fbc(s: FirstBlockCache, units: list[UnitInfo], num_steps: int | None
     return AdaptivePolicy(
         "FirstBlockCache", "rel_l1", ("residual", tuple(probe)), s.threshold, s.first_steps, s.last_steps,
         s.max_reuse, num_steps,
+    )
+
+
+# -------------------------------------------------------------------------- DBCache
+@_serialisable
+@dataclass(frozen=True)
+class DBCache(_Config):
+    """Dual-block cache (cache-dit's DBCache): the first ``Fn`` transformer blocks always
+    run and are the probe (the relative L1 change of their residual since the last full
+    step, as :class:`FirstBlockCache` with ``probe=Fn``); the last ``Bn`` blocks always
+    run too, refining the approximate hidden states; the blocks between are one residual
+    span (:mod:`.spans`), reused while the change stays below ``threshold``.
+
+    ``DBCache(1, 0, t)`` is ``FirstBlockCache(t)``. Decided one step late, like every
+    adaptive schedule here (module doc).
+
+    Fn:        leading blocks computed and probed (>= 1).
+    Bn:        trailing blocks computed (>= 0).
+    threshold: >= 0; 0 computes every step (cache-dit uses 0.05-0.12).
+    first_steps, last_steps, max_reuse: as for :class:`FirstBlockCache`.
+    """
+
+    Fn: int
+    Bn: int
+    threshold: float
+    first_steps: int = 1
+    last_steps: int = 0
+    max_reuse: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_limits("DBCache", self)
+        object.__setattr__(self, "Fn", _check_int("DBCache", "Fn", self.Fn, 1))
+        object.__setattr__(self, "Bn", _check_int("DBCache", "Bn", self.Bn, 0))
+
+
+def _dbc_split(s: DBCache, units: list[UnitInfo]) -> tuple[list[str], list[str]]:
+    return _probe_split("DBCache", s.Fn, s.Bn, "span", units)
+
+
+@register_lowering(DBCache)
+def _lower_dbc(s: DBCache, units: list[UnitInfo], num_steps: int | None) -> Mask:
+    _needs_num_steps("DBCache", s, num_steps)
+    return _two_rows(_dbc_split(s, units)[1])
+
+
+@register_policy(DBCache)
+def _policy_dbc(s: DBCache, units: list[UnitInfo], num_steps: int | None) -> AdaptivePolicy:
+    probe, _ = _dbc_split(s, units)
+    return AdaptivePolicy(
+        "DBCache", "rel_l1", ("residual", tuple(probe)), s.threshold, s.first_steps, s.last_steps, s.max_reuse,
+        num_steps,
     )
 
 
@@ -263,8 +363,10 @@ class TeaCache(_Config):
     without one, as SD's U-Net, is refused) is compared with the previous step's; its relative L1 change,
     rescaled by the polynomial ``coefficients`` (fitted by :func:`fxcache.fit_teacache`
     from a profile run), is accumulated over the reused steps since the last full step;
-    the blocks' attention and MLP sublayers (FORA's units, all blocks) are reused while
-    the accumulated value stays below ``threshold``.
+    every block is reused while the accumulated value stays below ``threshold``: one
+    residual span over all blocks (``reuse="span"``, the default on transformers:
+    TeaCache's "previous residual" added to the current input of the first block), or
+    FORA's attention and MLP sublayers of every block (``reuse="sublayers"``).
 
     Decided one step late (module doc): after step k the statistic is the accumulated
     value plus step k's rescaled change, i.e. what step k+1 would accumulate if it
@@ -277,6 +379,7 @@ class TeaCache(_Config):
                   (``p(x) = x``).
     first_steps, last_steps, max_reuse: as for :class:`FirstBlockCache` (TeaCache
                   computes the first and the last step: ``last_steps=1``).
+    reuse:        as for :class:`FirstBlockCache`.
     """
 
     threshold: float
@@ -284,9 +387,11 @@ class TeaCache(_Config):
     first_steps: int = 1
     last_steps: int = 0
     max_reuse: int | None = None
+    reuse: str = "auto"
 
     def __post_init__(self) -> None:
         _check_limits("TeaCache", self)
+        _check_reuse("TeaCache", self)
         c = self.coefficients
         if c is None:
             return
@@ -299,14 +404,13 @@ class TeaCache(_Config):
 
 
 def _teacache_split(s: TeaCache, units: list[UnitInfo]) -> tuple[str, list[str]]:
-    blocks = [u for u in units if u.kind in BLOCK_KINDS]
-    rest = [u.name for u in fora_units(units)]
-    if not blocks or not rest:
+    blocks = block_units(units)
+    if not blocks or not fora_units(units):
         raise UnknownUnitError(
-            f"TeaCache probes the first transformer block and reuses the attention/MLP sublayers of the blocks; "
-            f"this model has none (unit kinds found: {_kinds_found(units)}). Use AdaptiveDeepCache for U-Nets."
+            f"TeaCache probes the first transformer block and reuses the blocks; this model has none (unit kinds "
+            f"found: {_kinds_found(units)}). Use AdaptiveDeepCache for U-Nets."
         )
-    return blocks[0].name, rest
+    return blocks[0].name, reused_blocks("TeaCache", s.reuse, blocks, units)
 
 
 @register_lowering(TeaCache)

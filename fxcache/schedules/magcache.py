@@ -20,6 +20,8 @@ from ._validate import ScheduleError, UnknownUnitError, _bad, _check_int, _check
 from .fora import fora_units
 from .mask import Mask
 from .registry import _serialisable, register_lowering
+from .spans import block_units
+from .adaptive import REUSE_FORMS, reused_blocks
 
 __all__ = ["MagCache", "magcache_rows"]
 
@@ -54,10 +56,12 @@ def magcache_rows(
 @_serialisable
 @dataclass(frozen=True)
 class MagCache(_Config):
-    """MagCache (magnitude-aware cache, Ma et al. 2025): reuse the attention and MLP
-    sublayers of every transformer block (Flux single blocks: the residual branch, as
-    FORA) while the error accumulated from the calibrated per-step magnitude ratios of
-    their outputs stays below ``threshold`` (:func:`magcache_rows`).
+    """MagCache (magnitude-aware cache, Ma et al. 2025): reuse every transformer block
+    while the error accumulated from the calibrated per-step magnitude ratios stays
+    below ``threshold`` (:func:`magcache_rows`): as one residual span over all blocks
+    (``reuse="span"``, the default on transformers: MagCache's cached residual of the
+    whole stack, added to the current input), or as FORA's attention and MLP sublayers of
+    every block (``reuse="sublayers"``; Flux single blocks: the residual branch).
 
     The decision depends only on ``ratios``, so this is a static plan of
     ``len(ratios)`` steps (no run-time statistic, no lag).
@@ -68,6 +72,8 @@ class MagCache(_Config):
     first_steps: steps computed at the start (MagCache's retention ratio x steps), >= 1.
     last_steps:  steps computed at the end.
     max_reuse:   most consecutive reused steps (MagCache's K; None: no limit).
+    reuse:       ``"auto"``, ``"span"`` or ``"sublayers"``, as for
+                 :class:`~.adaptive.FirstBlockCache`.
     """
 
     threshold: float
@@ -75,9 +81,12 @@ class MagCache(_Config):
     first_steps: int = 1
     last_steps: int = 0
     max_reuse: int | None = None
+    reuse: str = "auto"
 
     def __post_init__(self) -> None:
         c = "MagCache"
+        if self.reuse not in REUSE_FORMS:
+            raise _bad(c, "reuse", self.reuse, f"one of {list(REUSE_FORMS)}")
         object.__setattr__(self, "threshold", _check_real(c, "threshold", self.threshold, 0.0))
         object.__setattr__(self, "first_steps", _check_int(c, "first_steps", self.first_steps, 1))
         object.__setattr__(self, "last_steps", _check_int(c, "last_steps", self.last_steps, 0))
@@ -106,12 +115,10 @@ def _lower_magcache(s: MagCache, units: list[UnitInfo], num_steps: int | None) -
             f"MagCache.ratios has {n} steps but the generation has num_steps = {num_steps}; fit the ratios "
             f"with a run of {num_steps} steps"
         )
-    chosen = fora_units(units)
-    if not chosen:
+    if not fora_units(units):
         raise UnknownUnitError(
-            f"MagCache reuses the attention and MLP sublayers of transformer blocks; this model has none "
-            f"(unit kinds found: {_kinds_found(units)})"
+            f"MagCache reuses the transformer blocks; this model has none (unit kinds found: {_kinds_found(units)})"
         )
-    names = tuple(u.name for u in chosen)
+    names = tuple(reused_blocks("MagCache", s.reuse, block_units(units), units))
     rows = magcache_rows(s.ratios, s.threshold, s.first_steps, s.last_steps, s.max_reuse)
     return Mask(tuple((c,) * len(names) for c in rows), names)
