@@ -102,9 +102,13 @@ class _Forward(Engine):
 
 
 def engine_of(model: torch.nn.Module) -> Engine | None:
-    """The engine attached to ``model`` in place, or None."""
+    """The engine attached to ``model`` in place, or the engine of a ``CachedModel``
+    (``fxcache.compile``'s result), or None."""
     if isinstance(model, torch.nn.Module):
-        return model.__dict__.get("_fxcache")
+        engine = model.__dict__.get("_fxcache")
+        if engine is None and isinstance(model.__dict__.get("engine"), Engine):
+            engine = model.__dict__["engine"]
+        return engine
     return None
 
 
