@@ -20,7 +20,7 @@ NOT_RUN = {
     "docs/methods_example.py, run as a script",
     ("Adaptive caching", 0): "continues the four-methods example (`dit`, `generate`) with the inductor backend",
 }
-RUN = {("Quick start", 0), ("Forecasting cache reads", 0)}
+RUN = {("Quick start", 0), ("Forecasting cache reads", 0), ("Residual spans", 0)}
 
 
 def _blocks() -> dict[tuple[str, int], str]:
