@@ -835,3 +835,22 @@ def test_teacache_refuses_what_it_cannot_honour():
     with pytest.raises(fxcache.UnsupportedModelError, match="does not depend on the timestep"):
         with torch.no_grad():
             S.call(cm, S.timesteps[0])
+
+
+def test_bf16_reference_is_stored_in_the_probe_dtype():
+    """On a bf16 model the adaptive reference is kept in bf16 (half the state bytes of
+    float32) and the statistic is the same as the float32 oracle's: a bf16 value cast to
+    float32 and back is unchanged."""
+    T = tiny("dit", batch=2, dtype=torch.bfloat16)
+    T.model.to(torch.bfloat16)
+    sched = fxcache.FirstBlockCache(0.15)
+    cm = fxcache.compile(T.model, sched, **EAGER)
+    calls = _dit_calls(T)
+    _generation(cm, calls)
+    ref_outs, ref_computed, ref_stats = _fbc_ref(T, 0.15).run(calls)
+    rec = cm.decisions()[None]
+    assert list(rec) == ref_computed and False in ref_computed
+    assert rec.statistic == pytest.approx(ref_stats, rel=1e-6)
+    entry = cm.entries[-1]
+    refs = [spec for slot, spec in entry.adaptive.specs.items() if slot[1] == "ref"]
+    assert refs and all(dtype == torch.bfloat16 for _, _, dtype in refs)
