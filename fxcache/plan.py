@@ -53,6 +53,27 @@ class UnitInfo:
     cache_bytes: int = 0
 
 
+#: unit kinds that are whole transformer blocks (what residual spans are made of)
+BLOCK_KINDS = ("transformer_block", "single_block")
+SPAN_PREFIX = "span:"
+
+
+def span_name(first: str, last: str) -> str:
+    """The name of the residual span from block ``first`` to block ``last`` (inclusive);
+    see :mod:`fxcache.schedules.spans`."""
+    return f"{SPAN_PREFIX}{first}..{last}"
+
+
+def parse_span(name: str) -> tuple[str, str] | None:
+    """``(first, last)`` of a span name, or None when ``name`` is not one."""
+    if not isinstance(name, str) or not name.startswith(SPAN_PREFIX):
+        return None
+    first, sep, last = name[len(SPAN_PREFIX):].partition("..")
+    if not sep or not first or not last:
+        return None
+    return first, last
+
+
 @dataclass
 class StepKind:
     """One distinct graph the runtime executes."""

@@ -120,3 +120,52 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     assert ("runtime", "api") in found and ("runtime", "calibrate") in found
     with pytest.raises(AssertionError, match="runtime imports api"):
         test_imports_follow_the_layers()
+
+
+def _module_of(parts: list[str]) -> str | None:
+    """The fxcache module a target names (``fxcache.schedules.mask.Mask`` -> ``fxcache/schedules/mask``),
+    or None when it is not a file of the package."""
+    for n in range(len(parts), 0, -1):
+        cand = ROOT.parent.joinpath(*parts[:n])
+        if cand.with_suffix(".py").is_file():
+            return "/".join(parts[:n])
+        if (cand / "__init__.py").is_file():
+            return "/".join(parts[:n]) + "/__init__"
+    return None
+
+
+def _module_cycles(stage: str) -> list[list[str]]:
+    """Import cycles among the modules of one stage (package), lazy imports included;
+    the package's ``__init__`` (which re-exports its modules) is left out."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / stage).rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        me = "/".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+        graph.setdefault(me, set())
+        for _, target in _imports(path):
+            mod = _module_of(target)
+            if mod and mod != me and mod.startswith(f"fxcache/{stage}/") and not mod.endswith("__init__"):
+                graph[me].add(mod)
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+@pytest.mark.parametrize("stage", sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()))
+def test_no_import_cycle_inside_a_stage(stage):
+    """Inside a stage too (lazy imports included): the schedules' mask <-> registry circle
+    is gone, and none comes back."""
+    assert not _module_cycles(stage), _module_cycles(stage)

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedModelError
-from ..plan import UnitInfo
+from ..plan import BLOCK_KINDS, UnitInfo, parse_span
 from .costs import annotate_flops, graph_cost
 
 __all__ = ["Unit", "UnitSet", "find_units", "live_nodes"]
@@ -116,7 +116,6 @@ class UnitSet:
         leaving that region; each must add back, through residual adds alone, exactly one
         value entering it (:func:`fxcache.analyze.residual.residual_source`), else the
         span has no residual form and is refused (:class:`UnsupportedModelError`)."""
-        from ..schedules.spans import span_blocks
         from .residual import residual_source
 
         existing = self.by_name().get(name)
@@ -125,8 +124,12 @@ class UnitSet:
         if self.graph is None:
             raise UnsupportedModelError(f"span '{name}': these units carry no graph to build a span from")
         gm = self.graph
-        blocks = span_blocks(name, [u.info() for u in self.units])
         by_name = self.by_name()
+        ends = parse_span(name)
+        order = [u.name for u in self.units if u.kind in BLOCK_KINDS]
+        if ends is None or not set(ends) <= set(order) or order.index(ends[1]) < order.index(ends[0]):
+            raise UnsupportedModelError(f"'{name}' is not a span of this model's blocks (first..last, in order)")
+        blocks = order[order.index(ends[0]): order.index(ends[1]) + 1]
         nodes = list(gm.graph.nodes)
         position = {n.name: i for i, n in enumerate(nodes)}
         start = min(position[n] for n in by_name[blocks[0]].region)

@@ -34,7 +34,8 @@ Mask               -                                           the units it name
 =================  ==========================================  ==============================
 
 Modules: ``_validate`` (errors, field checks, unit selection, the JSON base),
-``registry`` (dispatch, :func:`lower`, JSON), ``mask`` (:class:`Mask`, :func:`rectify`),
+``registry`` (dispatch, JSON), ``mask`` (:class:`Mask`, :func:`rectify`), ``lowering`` (:func:`lower`,
+:func:`to_plan`: above both, so that neither imports the other), ``spans`` (residual spans),
 and one module per method: ``deepcache``, ``fora``, ``block_cache``, ``learned_mask``;
 ``adaptive`` holds the adaptive schedules (two-row mask + :class:`AdaptivePolicy`);
 ``magcache``: MagCache, whose decision depends only on calibrated ratios (a static mask).
@@ -44,7 +45,6 @@ from ._validate import ScheduleError, UnknownUnitError, select_units
 from .registry import (
     ModelFacts,
     check_schedule,
-    lower,
     register_check,
     register_lowering,
     register_policy,
@@ -52,9 +52,9 @@ from .registry import (
     registered_schedules,
     schedule_from_dict,
     schedule_from_json,
-    to_plan,
 )
 from .mask import Mask, mask_from_dict, rectify
+from .lowering import lower, to_plan
 from .deepcache import DEEPCACHE_DEFAULT_CENTER, DEEPCACHE_DEFAULT_POWER, DeepCache, deepcache_full_steps, skip_branches
 from .fora import FORA, fora_units
 from .block_cache import BlockCache, delta_refresh

@@ -20,20 +20,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import MISSING, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..plan import UnitInfo
 from ._validate import ScheduleError, _check_num_steps, _is_int, _units_seq
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..plan import Plan
-    from .mask import Mask
-
 __all__ = [
     "ModelFacts",
-    "lower",
     "check_schedule",
-    "to_plan",
     "register_lowering",
     "register_check",
     "registered_schedules",
@@ -157,55 +151,6 @@ def check_schedule(schedule: Any) -> Callable:
             f"@fxcache.schedules.register_lowering(YourConfig))"
         )
     return fn
-
-
-def lower(
-    schedule: Any, units: Sequence[UnitInfo], num_steps: int | None = None, *, model: ModelFacts | None = None
-) -> "Mask":
-    """The explicit :class:`Mask` of ``schedule`` on a model with these ``units``.
-
-    num_steps: steps of the generation, or None when unknown (periodic schedules do not
-    need it; schedules that do say so).
-    model:     optional :class:`ModelFacts` of the model; with them, artefacts a schedule
-               carries (a profile, scale-shift adapters) are checked against the model's
-               class and unit shapes, and a unit name that is a module fxcache does not
-               cache is told apart from a typo (the error says why).
-    """
-    from .mask import Mask
-
-    fn = check_schedule(schedule)
-    infos = _units_seq(units)
-    steps = _check_num_steps(num_steps)
-    if model is not None:
-        if not isinstance(model, ModelFacts):
-            raise ScheduleError(f"lower(model=...) takes a ModelFacts; got {type(model).__name__}")
-        check = _dispatch(_CHECKS, schedule)
-        if check is not None:
-            check(schedule, infos, model)
-    mask = fn(schedule, infos, steps)
-    if not isinstance(mask, Mask):
-        raise ScheduleError(f"the lowering of {type(schedule).__name__} returned {type(mask).__name__}, not a Mask")
-    return mask
-
-
-def to_plan(
-    schedule: Any,
-    units: Sequence[UnitInfo],
-    num_steps: int | None = None,
-    *,
-    full_flops: int = 0,
-    model: ModelFacts | None = None,
-) -> "Plan":
-    """``lower`` then build the (unbound) :class:`~fxcache.plan.Plan`; for reports and tests."""
-    from ..plan import Plan
-
-    from .spans import is_span, span_info
-
-    mask = lower(schedule, units, num_steps, model=model)
-    by_name = {u.name: u for u in units}
-    return Plan(
-        [by_name[n] if n in by_name or not is_span(n) else span_info(n, units) for n in mask.units], mask.table, periodic=mask.periodic, full_flops=full_flops, schedule=schedule
-    )
 
 
 # --------------------------------------------------------------------------------- JSON

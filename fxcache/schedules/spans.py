@@ -26,30 +26,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..plan import UnitInfo
+from ..plan import BLOCK_KINDS, SPAN_PREFIX, UnitInfo, parse_span, span_name
 from ._validate import UnknownUnitError
 
 __all__ = ["BLOCK_KINDS", "SPAN_PREFIX", "span_name", "parse_span", "block_units", "span_blocks", "span_info",
            "is_span"]
-
-#: unit kinds that are whole transformer blocks (what spans are made of, and FirstBlockCache's probe)
-BLOCK_KINDS = ("transformer_block", "single_block")
-SPAN_PREFIX = "span:"
-
-
-def span_name(first: str, last: str) -> str:
-    """The name of the span from block ``first`` to block ``last`` (inclusive)."""
-    return f"{SPAN_PREFIX}{first}..{last}"
-
-
-def parse_span(name: str) -> tuple[str, str] | None:
-    """``(first, last)`` of a span name, or None when ``name`` is not one."""
-    if not isinstance(name, str) or not name.startswith(SPAN_PREFIX):
-        return None
-    first, sep, last = name[len(SPAN_PREFIX):].partition("..")
-    if not sep or not first or not last:
-        return None
-    return first, last
 
 
 def is_span(name: str) -> bool:
