@@ -46,7 +46,8 @@ import torch
 
 from ..errors import OptionError, OptionTypeError
 
-__all__ = ["NAMES", "RealModel", "info", "config", "build", "example_inputs", "plan_config", "flop_speedup"]
+__all__ = ["NAMES", "RealModel", "info", "config", "build", "resolve_size", "example_inputs", "plan_config",
+           "flop_speedup"]
 
 _HERE = pathlib.Path(__file__).resolve().parent
 
@@ -123,7 +124,13 @@ def build(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _check_size(m: RealModel, height, width, num_frames, batch) -> tuple[int, int, int | None, int]:
+def resolve_size(name: str, height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                 batch: int = 1) -> tuple[int, int, int | None, int]:
+    """``(height, width, num_frames, batch)`` for ``name``: None is the usual value; a value
+    the model cannot take (a height that is not a multiple of :attr:`RealModel.multiple`,
+    frames that are not ``4k + 1``, frames for an image model) is an ``OptionError``."""
+    m = info(name)
+
     def whole(what, value, minimum=1):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise OptionTypeError(f"{m.name}: {what} = {value!r} is not allowed; {what} must be a whole number")
@@ -157,7 +164,7 @@ def example_inputs(name: str, height: int | None = None, width: int | None = Non
     batch: 1 per prompt without guidance; pipelines that concatenate the CFG halves call
     with 2."""
     m = info(name)
-    height, width, num_frames, b = _check_size(m, height, width, num_frames, batch)
+    height, width, num_frames, b = resolve_size(name, height, width, num_frames, batch)
     h, w = height // 8, width // 8  # every one of these VAEs has spatial stride 8
     dt = m.dtype
     with torch.device("meta"):
