@@ -95,3 +95,22 @@ def test_cli_plan_refuses_what_does_not_apply(capsys):
         main(["plan", "--config", "sd2"])
     with pytest.raises(SystemExit):
         main(["plan", "--config", "sd15", "--contexts", "0"])
+
+
+def test_plan_config_counts_what_the_runtime_allocates():
+    """An adaptive schedule's state buffers are part of a cache state: plan_config's plan
+    (the runtime's build path) counts them, and matches the buffers the runtime lays out."""
+    from fxcache.runtime.build import build_entry, prepare
+    from fxcache.runtime.options import CompileOptions
+
+    model = configs.build("sd15")
+    sched = fxcache.FirstBlockCache(0.1)
+    plan = configs.plan_config("sd15", sched, height=256, width=256, model=model)
+    args, kwargs = configs.example_inputs("sd15", height=256, width=256)
+    entry = build_entry(prepare(model, sched, CompileOptions(backend=None, num_steps=50), args, kwargs),
+                        CompileOptions(backend=None, num_steps=50), 0)
+    specs = sum(torch.Size(shape).numel() * dtype.itemsize for shape, _, dtype in entry.buffer_specs.values())
+    assert plan.state_bytes > 0 and plan.cache_bytes == specs
+    # TeaCache needs an adaLN-modulated block input, which SD's U-Net has not: refused as at a first call
+    with pytest.raises(fxcache.UnsupportedModelError, match="TeaCache"):
+        configs.plan_config("sd15", fxcache.TeaCache(0.2), height=256, width=256, model=model)

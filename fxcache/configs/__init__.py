@@ -18,8 +18,8 @@ name                Hub repository (folder)                             class
 pipeline runs it in), :func:`example_inputs` the inputs its pipeline passes at one
 denoising step for a resolution (and frame count), also on the meta device, and
 :func:`plan_config` the :class:`~fxcache.plan.Plan` a schedule gives it
-(:func:`fxcache.plan_for`: the runtime's own capture, units and step graphs; nothing is
-computed). The latents: SD 1.5/SDXL ``image / 8`` with 4 channels; SD3.5 ``image / 8``
+(the runtime's own build path, as at a first call, without compiling; nothing is
+computed or allocated). The latents: SD 1.5/SDXL ``image / 8`` with 4 channels; SD3.5 ``image / 8``
 with 16 channels, patch 2; FLUX.1 ``image / 8`` with 16 channels packed 2x2 into 64-wide
 tokens (``image / 16`` per side) with ``img_ids``/``txt_ids``; Wan 2.1 ``(frames - 1) / 4 + 1``
 latent frames of ``image / 8`` with 16 channels, patch (1, 2, 2); CogVideoX ``(frames - 1) / 4
@@ -200,18 +200,30 @@ def example_inputs(name: str, height: int | None = None, width: int | None = Non
 
 
 def plan_config(name: str, schedule, *, height: int | None = None, width: int | None = None,
-                num_frames: int | None = None, num_steps: int | None = None, batch: int = 1, model=None):
+                num_frames: int | None = None, num_steps: int | None = None, batch: int = 1, forecast: int = 0,
+                model=None):
     """The :class:`~fxcache.plan.Plan` of ``schedule`` on the published denoiser ``name``
-    at this resolution and number of steps (defaults: its pipeline's usual ones), built
-    with :func:`fxcache.plan_for` on the meta device. ``plan.cache_bytes`` is one cache
-    state; ``plan.total_cache_bytes(info(name).contexts)`` what a guided generation holds.
-    ``model``: a model from :func:`build` to reuse (building one takes about a second)."""
-    from ..api import plan_for
+    at this resolution and number of steps (defaults: its pipeline's usual ones), on the
+    meta device: nothing is computed or allocated.
+
+    It is the plan the runtime builds at the first call (``fxcache.runtime.build``: capture,
+    units, step graphs, then the adaptive statistic and the buffer layout, with
+    ``backend=None`` so nothing is compiled), so ``plan.cache_bytes`` is exactly what one
+    cache state allocates, an adaptive schedule's state buffers included (which
+    :func:`fxcache.plan_for` stops short of), and a schedule the runtime refuses at its
+    first call (TeaCache on a U-Net) is refused here. ``plan.total_cache_bytes(
+    info(name).contexts)`` is what a guided generation holds. ``model``: a model from
+    :func:`build` to reuse (building one takes about a second)."""
+    from ..api import _options
+    from ..runtime.build import build_entry, prepare
+    from ..schedules import check_schedule
 
     m = info(name)
-    steps = m.steps if num_steps is None else num_steps
+    check_schedule(schedule)
+    options = _options(backend=None, num_steps=m.steps if num_steps is None else num_steps, forecast=forecast)
     args, kwargs = example_inputs(name, height, width, num_frames, batch)
-    return plan_for(build(name) if model is None else model, schedule, *args, num_steps=steps, **kwargs)
+    prepared = prepare(build(name) if model is None else model, schedule, options, args, kwargs)
+    return build_entry(prepared, options, 0).plan
 
 
 def flop_speedup(plan, num_steps: int) -> float:
