@@ -8,7 +8,9 @@ The stages, in order: capture (``fxcache.capture``) → analyze (``fxcache.analy
 """
 
 from .api import attach, compile, detach, disable, enable, engine_of, plan_for, units
-from .errors import CaptureError, CheckpointError, FxcacheError, OptionError, UnitError, UnsupportedModelError
+from .errors import (
+    CacheBudgetError, CaptureError, CheckpointError, FxcacheError, OptionError, UnitError, UnsupportedModelError,
+)
 from .plan import Plan, PlanError, UnitInfo
 from .runtime import CachedModel
 from .schedules import FORA, BlockCache, DeepCache, LearnedMask, Mask, ScheduleError, rectify
@@ -59,6 +61,7 @@ __all__ = [
     "UnitError",
     "CheckpointError",
     "OptionError",
+    "CacheBudgetError",
     "PlanError",
     "ScheduleError",
 ]

@@ -50,6 +50,7 @@ def compile(
     timestep_rule: str = "auto",
     repeated_timesteps: bool = False,
     forecast: int = 0,
+    max_cache_bytes: int | None = None,
 ) -> CachedModel:
     """Return a drop-in replacement for ``model`` that follows ``schedule``.
 
@@ -71,6 +72,13 @@ def compile(
     last computed; 1 or 2 the polynomial of that order through the unit's values at
     its last 2 or 3 computed steps, evaluated at this step (TaylorSeer's
     finite-difference forecast); the cache then holds ``forecast + 1`` values per slot.
+    max_cache_bytes: a budget, in bytes, for one cache state (``plan.cache_bytes``: the
+    cache buffers of one input shape in one cache context, forecast history and adaptive
+    state included). The plan of each input shape is checked when it is built, at the
+    first call with that shape, before any buffer is allocated or graph compiled; a plan
+    that needs more raises :class:`~fxcache.errors.CacheBudgetError` naming the biggest
+    cached units. Each cache context (diffusers' ``cache_context("cond")`` /
+    ``("uncond")``) holds its own state: ``plan.total_cache_bytes(contexts)``.
     """
     if not isinstance(model, torch.nn.Module):
         raise OptionTypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
@@ -81,13 +89,14 @@ def compile(
         backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
         freezing=freezing, segments=segments, max_graphs=max_graphs, scale_shift=scale_shift,
         timestep_rule=timestep_rule, repeated_timesteps=repeated_timesteps, forecast=forecast,
+        max_cache_bytes=max_cache_bytes,
     )
     return CachedModel(model, schedule, opts)
 
 
 def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fuse=True, options=None,
              freezing=None, segments="auto", max_graphs=8, scale_shift=None, timestep_rule="auto",
-             repeated_timesteps=False, forecast=0) -> CompileOptions:
+             repeated_timesteps=False, forecast=0, max_cache_bytes=None) -> CompileOptions:
     """``compile``'s keyword arguments, checked, as :class:`CompileOptions` (``enable`` takes
     the same). A bad one is an OptionError (a ValueError; OptionTypeError for a wrong type,
     also a TypeError) naming the argument, the value and what is allowed, before anything
@@ -129,6 +138,10 @@ def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fus
             f"fxcache.compile: forecast = {forecast!r} is not allowed; forecast must be 0 (reuse), 1 or 2 "
             f"(the order of the extrapolation)"
         )
+    if max_cache_bytes is not None and (not _int(max_cache_bytes) or max_cache_bytes < 1):
+        raise bad("max_cache_bytes", max_cache_bytes,
+                  "None (no budget) or a whole number of bytes >= 1 per cache state, e.g. 8 * 2**30",
+                  type_error=not _int(max_cache_bytes))
     if scale_shift is not None:
         from .rewrite.adapters import ScaleShift
 
@@ -146,6 +159,7 @@ def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fus
         max_shapes=int(max_shapes), fuse=fuse, options=options, freezing=freezing, segments=segments,
         max_graphs=int(max_graphs), scale_shift=scale_shift, timestep_rule=timestep_rule,
         repeated_timesteps=repeated_timesteps, forecast=int(forecast),
+        max_cache_bytes=None if max_cache_bytes is None else int(max_cache_bytes),
     )
 
 

@@ -1,4 +1,4 @@
-"""The ``fxcache`` command line: ``fxcache demo | profile | bench``.
+"""The ``fxcache`` command line: ``fxcache demo | profile | bench | plan``.
 
 ``fxcache demo``     generate digits with the embedded trained U-Net, uncached and with
                      DeepCache; print the plan, the fidelity (SQNR/PSNR) and the three
@@ -7,6 +7,10 @@
                      (the input of ``fxcache.BlockCache``) and save it.
 ``fxcache bench``    print a :class:`fxcache.evaluation.speed.SpeedReport` for a model and
                      schedule.
+``fxcache plan``     print the plan of a schedule on a published denoiser config
+                     (``fxcache.configs``: SD 1.5, SDXL, SD3.5 Medium, FLUX.1-dev, Wan 2.1
+                     14B, CogVideoX-5B) on the meta device, without weights: units, the
+                     FLOP-ideal speed-up, cache bytes per cache state and in total.
 
 Every subcommand runs on the CPU in this process; ``--backend none`` (the default) runs
 the graphs eagerly, ``--backend inductor`` compiles them (minutes on a CPU). Every file a
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fxcache",
         description="Feature caching for diffusion denoisers as an FX compiler pass (CPU demo, profiler, benchmark).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,profile,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,profile,bench,plan}")
     sub.required = True
 
     def common(p, *, steps=20):
@@ -205,6 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mode", type=_mode, default=None,
                        help="torch.compile mode, with --backend inductor (default, reduce-overhead, max-autotune, ...)")
     bench.add_argument("--json", default=None, help="also write the report as JSON to this file; its folder must exist")
+
+    from .configs import NAMES as CONFIGS
+
+    plan = sub.add_parser("plan", help="the plan of a schedule on a published denoiser config (no weights)",
+                          description="Build a published denoiser from its config.json on the meta device (no "
+                          "weights, no memory), capture it at this resolution and print the plan of the "
+                          "schedule: units, step kinds, the FLOP-ideal speed-up and the cache bytes per cache "
+                          "state and in total.")
+    plan.add_argument("--config", required=True, choices=CONFIGS, help="published denoiser")
+    plan.add_argument("--height", type=_positive, default=None, help="image height in pixels (default: usual one)")
+    plan.add_argument("--width", type=_positive, default=None, help="image width in pixels (default: usual one)")
+    plan.add_argument("--frames", type=_positive, default=None, help="video frames, 4k + 1 (video models)")
+    plan.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: usual ones)")
+    plan.add_argument("--batch", type=_positive, default=1, help="the model's batch per call (default 1)")
+    plan.add_argument("--schedule", type=parse_schedule, default=None, help=f"{_SCHEDULE_HELP} (default fora:3)")
+    plan.add_argument("--contexts", type=_positive, default=None,
+                      help="cache contexts per generation, each one cache state (default: 2 for pipelines with "
+                      "classifier-free guidance, 1 for FLUX.1-dev)")
     return parser
 
 
@@ -489,13 +511,42 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from . import configs
+    from .plan import _fmt_bytes
+
+    schedule = args.schedule or parse_schedule("fora:3")
+    m = configs.info(args.config)
+    steps = args.steps or m.steps
+    contexts = args.contexts or m.contexts
+    try:
+        height, width, frames, _ = configs.resolve_size(m.name, args.height, args.width, args.frames, args.batch)
+        plan = configs.plan_config(m.name, schedule, height=height, width=width, num_frames=frames,
+                                   num_steps=steps, batch=args.batch)
+    except Exception as exc:
+        if _is_fxcache_error(exc):
+            raise CliError(str(exc)) from exc
+        raise
+    clip = f"{width}x{height}" + (f", {frames} frames" if frames else "")
+    print(f"{m.label} ({m.repo}), {str(m.dtype).replace('torch.', '')}, {clip}, batch {args.batch}, {steps} steps")
+    print(plan.explain(contexts=contexts))
+    speedup = configs.flop_speedup(plan, steps)
+    figure = (f"FLOP-ideal speed-up {speedup:.2f}x over {steps} steps" if plan.adaptive is None else
+              "FLOP-ideal speed-up: decided at run time (adaptive); a reused step costs "
+              f"{plan.step_kinds[1].flops / plan.full_flops:.1%} of a full one")
+    print(f"summary: {figure}; cache {_fmt_bytes(plan.cache_bytes)} per cache state, "
+          f"{_fmt_bytes(plan.total_cache_bytes(contexts))} total for {contexts} cache context"
+          f"{'s' if contexts != 1 else ''}")
+    return 0
+
+
 def _is_fxcache_error(exc: BaseException) -> bool:
     from .errors import FxcacheError
 
     return isinstance(exc, FxcacheError)
 
 
-_COMMANDS = {"demo": cmd_demo, "profile": cmd_profile, "bench": cmd_bench}
+_COMMANDS = {"demo": cmd_demo, "profile": cmd_profile, "bench": cmd_bench, "plan": cmd_plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ __all__ = [
     "ContractError",
     "OptionError",
     "OptionTypeError",
+    "CacheBudgetError",
 ]
 
 
@@ -56,3 +57,11 @@ class OptionError(FxcacheError, ValueError):
 
 class OptionTypeError(OptionError, TypeError):
     """An :class:`OptionError` for an argument of the wrong type (also a ``TypeError``)."""
+
+
+class CacheBudgetError(FxcacheError, RuntimeError):
+    """The plan built for an input shape needs more bytes per cache state than the
+    ``max_cache_bytes`` given to :func:`fxcache.compile` / :func:`fxcache.enable`. Raised
+    when that shape's plan is built (its first call), before any cache buffer is
+    allocated or any graph compiled; the message names the biggest cached units with
+    their bytes and what would need less."""

@@ -295,22 +295,61 @@ class Plan:
         planned = self.planned_flops
         return (self.full_flops * self.num_steps / planned) if planned else float("inf")
 
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes of the static buffers of one cache state (one input shape): the cache
-        slots; with forecasting, every slot's history and the coefficient buffer; for an
-        adaptive schedule, its state buffers."""
+    def _cached_units(self) -> list[str]:
+        """The units that have a cache slot, in plan order: those some step kind reads or
+        writes once bound, those some step reuses before."""
         if self._kinds is not None:
             slots = {r for k in self._kinds for r in (*k.reads, *k.writes)}
         else:
             slots = {n for s in range(self.num_steps) for n in self.reused_at(s)}
-        values = sum(self._by_name[n].cache_bytes for n in slots if n in self._by_name)
+        return [n for n in self.units if n in slots]
+
+    def cache_bytes_by_unit(self) -> dict[str, int]:
+        """Bytes of each cached unit's slot in one cache state (with forecasting, its
+        ``forecast + 1`` values), biggest first. Their sum plus the forecast coefficient
+        buffer and an adaptive schedule's state buffers is :attr:`cache_bytes`."""
+        per = {n: self._by_name[n].cache_bytes * (self.forecast + 1) for n in self._cached_units()}
+        return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the static buffers of one cache state (one input shape in one cache
+        context): the cache slots; with forecasting, every slot's history and the
+        coefficient buffer; for an adaptive schedule, its state buffers."""
+        values = sum(self.cache_bytes_by_unit().values())
         if self.forecast:
-            values = values * (self.forecast + 1) + len(self.units) * (self.forecast + 1) * 4
+            values += len(self.units) * (self.forecast + 1) * 4
         return values + self.state_bytes
 
+    def total_cache_bytes(self, contexts: int = 1) -> int:
+        """Bytes of the cache buffers of ``contexts`` cache states of this input shape:
+        ``total_cache_bytes(contexts) = contexts * cache_bytes``.
+
+        The runtime keeps one cache state per cache context (diffusers'
+        ``model.cache_context(name)``; calls outside any context share one), per thread and
+        per input shape it has met (up to ``max_shapes``), each allocated at that
+        context's first call with that shape. A pipeline that runs classifier-free
+        guidance as two calls per step (Wan's ``"cond"``/``"uncond"``, Flux with
+        ``true_cfg_scale``) holds two states; one that concatenates the two halves into
+        one batch (SD, SDXL, SD3, CogVideoX) holds one state of twice the batch, which is
+        the same bytes, since every cache buffer has the batch dimension. Another input
+        shape has its own plan: add its ``total_cache_bytes``."""
+        import numbers
+
+        if not isinstance(contexts, numbers.Integral) or isinstance(contexts, bool):
+            raise TypeError(f"contexts = {contexts!r} is not allowed; contexts must be a whole number >= 1 "
+                            f"(the cache contexts that call the model, e.g. 2 for CFG's cond and uncond)")
+        if contexts < 1:
+            raise ValueError(f"contexts = {contexts!r} is not allowed; contexts must be a whole number >= 1 "
+                             f"(the cache contexts that call the model, e.g. 2 for CFG's cond and uncond)")
+        return int(contexts) * self.cache_bytes
+
     # ------------------------------------------------------------------ output
-    def explain(self) -> str:
+    def explain(self, contexts: int = 1) -> str:
+        """The plan in words: units, step kinds, FLOPs, the FLOP-ideal speed-up and the cache
+        bytes, per cache state and in total for ``contexts`` cache contexts
+        (:meth:`total_cache_bytes`). ``str(plan)`` is ``explain()``."""
+        total = self.total_cache_bytes(contexts)
         lines = []
         sched = f" from {self.schedule!r}" if self.schedule is not None else ""
         period = f"a period of {self.num_steps} steps that repeats" if self.periodic else f"{self.num_steps} steps"
@@ -321,7 +360,10 @@ class Plan:
             + ("" if self.bound else " (estimated; exact once compiled)")
         )
         lines.append(f"  cache: {_fmt_bytes(self.cache_bytes)} per cache state"
-                     + (f" (forecast order {self.forecast}: {self.forecast + 1} values per slot)" if self.forecast else ""))
+                     + (f" (forecast order {self.forecast}: {self.forecast + 1} values per slot)" if self.forecast else "")
+                     + f"; total {_fmt_bytes(total)} for {contexts} cache context{'s' if contexts != 1 else ''}"
+                     + (" (one state per cache context and input shape, e.g. 2 for CFG's cond and uncond)"
+                        if contexts == 1 else f" ({contexts} x per state)"))
         lines.append("  units:")
         width = max(len(n) for n in self.units)
         for u in self.unit_infos:

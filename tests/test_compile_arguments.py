@@ -53,6 +53,11 @@ SCHED = fxcache.FORA(interval=2)
         (dict(forecast=True), "forecast", "0 (reuse), 1 or 2", True),
         (dict(forecast=1.0), "forecast", "0 (reuse), 1 or 2", True),
         (dict(scale_shift=3), "scale_shift", "ScaleShift", True),
+        (dict(max_cache_bytes=0), "max_cache_bytes", ">= 1", False),
+        (dict(max_cache_bytes=-1), "max_cache_bytes", ">= 1", False),
+        (dict(max_cache_bytes=2.5e9), "max_cache_bytes", "whole number of bytes", True),
+        (dict(max_cache_bytes="8GB"), "max_cache_bytes", "whole number of bytes", True),
+        (dict(max_cache_bytes=True), "max_cache_bytes", "whole number of bytes", True),
     ],
 )
 def test_bad_argument_is_refused_by_compile(kwargs, name, allowed, is_type):
@@ -97,6 +102,7 @@ def test_not_a_module_is_still_a_type_error():
         dict(mode="max-autotune"), dict(mode="max-autotune-no-cudagraphs"), dict(num_steps=20),
         dict(options={"max_autotune": False}), dict(freezing=False), dict(segments=True), dict(max_graphs=2),
         dict(timestep_rule="values"), dict(repeated_timesteps=True), dict(forecast=2), dict(num_steps=None),
+        dict(max_cache_bytes=None), dict(max_cache_bytes=8 * 2**30),
     ],
 )
 def test_good_arguments_are_accepted(kwargs):

@@ -45,3 +45,19 @@ def test_public_signatures_are_typed():
         sig = inspect.signature(fn)
         assert sig.parameters["schedule"].annotation is not inspect.Parameter.empty, fn.__name__
     assert "ScaleShift" in str(inspect.signature(fxcache.compile).parameters["scale_shift"].annotation)
+
+
+def test_every_subpackage_and_its_data_is_declared():
+    """A folder of fxcache with an ``__init__.py`` that pyproject's explicit ``packages``
+    list leaves out is missing from the wheel (fxcache.runtime and fxcache.artefacts were);
+    so is a data file no ``package-data`` pattern covers (the published configs)."""
+    import fnmatch
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    pkg = ROOT / "fxcache"
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in pkg.rglob("__init__.py")}
+    assert found == set(tool["packages"]), sorted(found ^ set(tool["packages"]))
+    for package in ("fxcache.configs", "fxcache.models"):
+        folder = ROOT.joinpath(*package.split("."))
+        for f in folder.glob("*.json"):
+            assert any(fnmatch.fnmatch(f.name, pat) for pat in tool["package-data"].get(package, [])), f

@@ -11,13 +11,13 @@ import torch
 
 from ..analyze.units import UnitSet, find_units
 from ..capture import Captured, capture
-from ..errors import CheckpointError
-from ..plan import Plan
+from ..errors import CacheBudgetError, CheckpointError
+from ..plan import Plan, _fmt_bytes
 from ..planning import lower_to_plan
 from ..rewrite.step_graphs import FORECAST_SLOT, SolvedSteps, build_step_graph, solve_steps
 from .options import CompileOptions
 
-__all__ = ["Entry", "Prepared", "prepare", "build_entry"]
+__all__ = ["Entry", "Prepared", "prepare", "build_entry", "check_cache_budget"]
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Prepared:
     plan_units: list
     solved: SolvedSteps
     adapters: Any  # (ScaleShift, timestep-embedding node) or None
+    model_name: str = ""  # the model's class name, for messages
 
 
 @dataclass
@@ -90,7 +91,34 @@ def prepare(model: torch.nn.Module, schedule, options: CompileOptions, args: tup
     plan_units = [u for u in units if u.name in set(plan.units)]
     solved = solve_steps(captured.gm, plan_units, plan, adapters, forecast=options.forecast)
     plan = plan.bind(solved.kind_of_step, solved.step_kinds).with_forecast(options.forecast)
-    return Prepared(captured, units, plan, plan_units, solved, adapters)
+    return Prepared(captured, units, plan, plan_units, solved, adapters, type(model).__name__)
+
+
+def check_cache_budget(plan: Plan, budget: int | None, model_name: str) -> None:
+    """``max_cache_bytes``: raise :class:`CacheBudgetError` when one cache state of ``plan``
+    (``plan.cache_bytes``, forecast history and adaptive state included) needs more than
+    ``budget`` bytes. Nothing is checked for ``budget=None``."""
+    need = plan.cache_bytes
+    if budget is None or need <= budget:
+        return
+    by_unit = plan.cache_bytes_by_unit()
+    top = ", ".join(f"{name} {_fmt_bytes(b)}" for name, b in list(by_unit.items())[:5])
+    extra = []
+    if plan.forecast:
+        extra.append(f"forecast order {plan.forecast} keeps {plan.forecast + 1} values per slot "
+                     f"(forecast=0 needs {_fmt_bytes(sum(by_unit.values()) // (plan.forecast + 1))} for the slots)")
+    if plan.state_bytes:
+        extra.append(f"the adaptive schedule's state buffers take {_fmt_bytes(plan.state_bytes)}")
+    raise CacheBudgetError(
+        f"the plan of {type(plan.schedule).__name__ if plan.schedule is not None else 'this schedule'} on "
+        f"{model_name} for these input shapes needs {need} bytes ({_fmt_bytes(need)}) per cache state, more than "
+        f"max_cache_bytes={budget} ({_fmt_bytes(budget)}). It caches {len(by_unit)} units; the biggest: {top}"
+        + (f"; {'; '.join(extra)}" if extra else "")
+        + ". Each cache context (e.g. CFG's 'cond' and 'uncond' calls) holds its own state of this size. "
+        f"Choose a cheaper schedule, one that caches fewer or smaller units (FORA, FirstBlockCache and TeaCache "
+        f"cache every attention and MLP sublayer; DeepCache caches one skip branch; BlockCache(units=...) or a "
+        f"Mask caches the units named), forecast=0, a smaller batch or resolution, or raise max_cache_bytes"
+    )
 
 
 def build_entry(prepared: Prepared, options: CompileOptions, uid: int) -> Entry:
@@ -115,13 +143,14 @@ def build_entry(prepared: Prepared, options: CompileOptions, uid: int) -> Entry:
 
         adaptive = adapt_step_graphs(captured.gm, units, solved, plan.adaptive)
         compile_options = replace(compile_options, segments=False)
+        # the state buffers are part of what one cache state holds
+        plan = plan.with_state_bytes(sum(torch.Size(shape).numel() * dtype.itemsize
+                                         for shape, _, dtype in adaptive.specs.values()))
+    check_cache_budget(plan, options.max_cache_bytes, prepared.model_name)
     if order:
         compile_options = replace(compile_options, segments=False)  # segments carry no history slots
     programs, count, note = build_programs(captured.gm, plan_units, solved, compile_options, device, adapters)
     plan = plan.with_compile(count if options.backend is not None else 0, note)
-    if adaptive is not None:  # the state buffers are part of what one cache state holds
-        plan = plan.with_state_bytes(sum(torch.Size(shape).numel() * dtype.itemsize
-                                         for shape, _, dtype in adaptive.specs.values()))
     # the repair graph: every unit computed, every slot some kind reads written
     read_units = sorted({u for g in solved.graphs for u in g.reads}, key=list(plan.units).index)
     repair = build_step_graph(captured.gm, plan_units, (), read_units, adapters, forecast=order)
