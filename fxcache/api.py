@@ -17,7 +17,7 @@ from .plan import Plan
 from .runtime import CachedModel, CompileOptions, engine_of
 from .runtime import attach as _attach
 from .runtime import detach as _detach
-from .runtime.build import prepare
+from .runtime.build import build_entry, prepare
 from .runtime.pipeline import CallStart
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -170,8 +170,11 @@ def units(model: torch.nn.Module, *example_args, **example_kwargs) -> UnitSet:
 
 def plan_for(model: torch.nn.Module, schedule: Schedule, *example_args, num_steps: int | None = None, **example_kwargs) -> Plan:
     """The plan ``schedule`` gives on ``model`` for these inputs, bound to its rewritten
-    graphs (the runtime's own build path, up to compiling)."""
-    return prepare(model, schedule, CompileOptions(num_steps=num_steps), example_args, example_kwargs).plan
+    graphs: the runtime's own build path up to compiling (capture, units, step graphs, an
+    adaptive schedule's statistic and the buffer layout), so ``cache_bytes`` is what the
+    first call allocates per cache state and what that call refuses is refused here."""
+    options = CompileOptions(num_steps=num_steps, backend=None)
+    return build_entry(prepare(model, schedule, options, example_args, example_kwargs), options, 0).plan
 
 
 _DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder")

@@ -131,3 +131,27 @@ def test_a_bad_budget_is_refused_by_compile_and_enable(bad, is_type):
         assert isinstance(info.value, OptionTypeError) == is_type
         assert "max_cache_bytes" in str(info.value) and repr(bad) in str(info.value)
     assert fxcache.engine_of(T.model) is None  # enable refused before attaching anything
+
+
+@pytest.mark.parametrize("family,schedule", [("dit", fxcache.FirstBlockCache(0.1)), ("flux", fxcache.TeaCache(0.1)),
+                                             ("dit", fxcache.FORA(2))])
+def test_plan_for_counts_what_the_first_call_allocates(family, schedule):
+    """plan_for is the runtime's build path up to compiling: an adaptive schedule's state
+    buffers are counted as the compiled model's plan counts them."""
+    T = tiny(family)
+    args, kwargs = T.inputs(T.timesteps[0])
+    before = fxcache.plan_for(T.model, schedule, *args, **kwargs)
+    cm = fxcache.compile(T.model, schedule, backend=None)
+    with torch.no_grad():
+        T.call(cm, T.timesteps[0])
+    assert before.cache_bytes == cm.plan.cache_bytes
+    held = sum(t.untyped_storage().nbytes() for bufs in fxcache.engine_of(cm).cache_tensors().values()
+               for t in bufs.values())
+    assert held == cm.plan.cache_bytes
+
+
+def test_plan_for_refuses_what_the_first_call_refuses():
+    T = tiny("sd")
+    args, kwargs = T.inputs(T.timesteps[0])
+    with pytest.raises(fxcache.UnsupportedModelError, match="TeaCache"):
+        fxcache.plan_for(T.model, fxcache.TeaCache(0.1), *args, **kwargs)

@@ -209,8 +209,8 @@ def plan_config(name: str, schedule, *, height: int | None = None, width: int | 
     It is the plan the runtime builds at the first call (``fxcache.runtime.build``: capture,
     units, step graphs, then the adaptive statistic and the buffer layout, with
     ``backend=None`` so nothing is compiled), so ``plan.cache_bytes`` is exactly what one
-    cache state allocates, an adaptive schedule's state buffers included (which
-    :func:`fxcache.plan_for` stops short of), and a schedule the runtime refuses at its
+    cache state allocates, an adaptive schedule's state buffers included (as
+    :func:`fxcache.plan_for`, which this is with a forecast order), and a schedule the runtime refuses at its
     first call (TeaCache on a U-Net) is refused here. ``plan.total_cache_bytes(
     info(name).contexts)`` is what a guided generation holds. ``model``: a model from
     :func:`build` to reuse (building one takes about a second)."""
