@@ -134,11 +134,14 @@ def test_a_bad_budget_is_refused_by_compile_and_enable(bad, is_type):
 
 
 @pytest.mark.parametrize("family,schedule", [("dit", fxcache.FirstBlockCache(0.1)), ("flux", fxcache.TeaCache(0.1)),
-                                             ("dit", fxcache.FORA(2))])
+                                             ("dit", fxcache.FORA(2)), ("flux", fxcache.FORA(2))])
 def test_plan_for_counts_what_the_first_call_allocates(family, schedule):
     """plan_for is the runtime's build path up to compiling: an adaptive schedule's state
-    buffers are counted as the compiled model's plan counts them."""
-    T = tiny(family)
+    buffers are counted as the compiled model's plan counts them, and the buffers hold
+    exactly that (batch 2: a cached value that is a view into a larger tensor, as Flux's
+    image stream sliced from the joint sequence, gets a dense buffer, not the view's
+    strides over the whole sequence)."""
+    T = tiny(family, batch=2)
     args, kwargs = T.inputs(T.timesteps[0])
     before = fxcache.plan_for(T.model, schedule, *args, **kwargs)
     cm = fxcache.compile(T.model, schedule, backend=None)

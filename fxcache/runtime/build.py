@@ -54,6 +54,18 @@ class Entry:
     adapter_module: Any = None  # the ScaleShift adapters in use, if any
 
 
+def _dense_stride(val: torch.Tensor) -> tuple:
+    """The value's strides when they lay it out densely (its memory format kept: a
+    channels-last feature map stays channels-last), else contiguous strides: a cached
+    value that is a view into a larger tensor (Flux's image stream, sliced out of the
+    joint text+image sequence) must not get a buffer the size of the whole sequence."""
+    stride = tuple(val.stride())
+    span = 1 + sum((n - 1) * s for n, s in zip(val.shape, stride) if n > 0)
+    if val.numel() == 0 or span == val.numel():
+        return stride
+    return tuple(torch.empty(val.shape, device="meta").stride())
+
+
 def _slots(graph, units) -> frozenset:
     units = set(units)
     return frozenset(s for s in graph.buffers if s[0] in units)
@@ -165,7 +177,7 @@ def build_entry(prepared: Prepared, options: CompileOptions, uid: int) -> Entry:
                 specs[slot] = ((len(plan_units), order + 1), (order + 1, 1), torch.float32)
                 continue
             val = nodes[by_name[slot[0]].outputs[slot[1]]].meta["val"]
-            specs[slot] = (tuple(val.shape), tuple(val.stride()), val.dtype)
+            specs[slot] = (tuple(val.shape), _dense_stride(val), val.dtype)
     if adaptive is not None:
         specs.update(adaptive.specs)  # the state buffers: allocated, zeroed and kept like cache buffers
     return Entry(
