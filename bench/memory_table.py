@@ -1,6 +1,7 @@
 """Cache memory of real denoisers: for each published config of ``fxcache.configs`` at its
 pipeline's usual resolution and steps, and each schedule (FORA(3); DeepCache(3, branch 0)
-on U-Nets; FirstBlockCache(0.1); TeaCache(0.2)), the bytes of one cache state, the total
+on U-Nets; FirstBlockCache(0.1), as a residual span (the default on transformers) and
+as sublayers; DBCache(8, 0, 0.08) on transformers; TeaCache(0.2)), the bytes of one cache state, the total
 for the cache states a guided generation holds, and the FLOP-ideal speed-up. Built on the
 meta device through the runtime's own build path (no weights, nothing compiled or
 allocated). Writes a Markdown table to bench/results/memory_table.md.
@@ -31,7 +32,11 @@ def schedules(unet: bool):
     out = [("FORA(3)", fxcache.FORA(interval=3))]
     if unet:
         out.append(("DeepCache(3, branch 0)", fxcache.DeepCache(interval=3, branch=0)))
-    out += [("FirstBlockCache(0.1)", fxcache.FirstBlockCache(0.1)), ("TeaCache(0.2)", fxcache.TeaCache(0.2))]
+    out += [("FirstBlockCache(0.1)", fxcache.FirstBlockCache(0.1))]
+    if not unet:  # the residual span (the default) against FORA's sublayers, and cache-dit's F8B0
+        out += [('FirstBlockCache(0.1, reuse="sublayers")', fxcache.FirstBlockCache(0.1, reuse="sublayers")),
+                ("DBCache(8, 0, 0.08)", fxcache.DBCache(8, 0, 0.08))]
+    out += [("TeaCache(0.2)", fxcache.TeaCache(0.2))]
     return out
 
 
