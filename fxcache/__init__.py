@@ -13,6 +13,7 @@ from .errors import (
 )
 from .plan import Plan, PlanError, UnitInfo
 from .runtime import CachedModel
+from .runtime.voice import set_verbosity
 from .schedules import FORA, BlockCache, DeepCache, LearnedMask, Mask, ScheduleError, rectify
 from .schedules import AdaptiveDeepCache, DBCache, FirstBlockCache, MagCache, TeaCache
 from .calibrate.fit import fit_magcache, fit_teacache
@@ -31,6 +32,7 @@ __all__ = [
     "disable",
     "detach",
     "engine_of",
+    "set_verbosity",
     "CachedModel",
     "Plan",
     "UnitInfo",

@@ -19,6 +19,7 @@ from .runtime import attach as _attach
 from .runtime import detach as _detach
 from .runtime.build import build_entry, prepare
 from .runtime.pipeline import CallStart
+from .runtime.voice import say
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibrate.scale_shift import ScaleShift
@@ -51,6 +52,7 @@ def compile(
     repeated_timesteps: bool = False,
     forecast: int = 0,
     max_cache_bytes: int | None = None,
+    verbose: bool = True,
 ) -> CachedModel:
     """Return a drop-in replacement for ``model`` that follows ``schedule``.
 
@@ -79,6 +81,9 @@ def compile(
     that needs more raises :class:`~fxcache.errors.CacheBudgetError` naming the biggest
     cached units. Each cache context (diffusers' ``cache_context("cond")`` /
     ``("uncond")``) holds its own state: ``plan.total_cache_bytes(contexts)``.
+    verbose: say what the first call with each input shape does (capture, the plan,
+    each step graph compiled and how long it took) on the ``"fxcache"`` logger;
+    ``False`` for this model, ``fxcache.set_verbosity("WARNING")`` for all.
     """
     if not isinstance(model, torch.nn.Module):
         raise OptionTypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
@@ -89,14 +94,14 @@ def compile(
         backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
         freezing=freezing, segments=segments, max_graphs=max_graphs, scale_shift=scale_shift,
         timestep_rule=timestep_rule, repeated_timesteps=repeated_timesteps, forecast=forecast,
-        max_cache_bytes=max_cache_bytes,
+        max_cache_bytes=max_cache_bytes, verbose=verbose,
     )
     return CachedModel(model, schedule, opts)
 
 
 def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fuse=True, options=None,
              freezing=None, segments="auto", max_graphs=8, scale_shift=None, timestep_rule="auto",
-             repeated_timesteps=False, forecast=0, max_cache_bytes=None) -> CompileOptions:
+             repeated_timesteps=False, forecast=0, max_cache_bytes=None, verbose=True) -> CompileOptions:
     """``compile``'s keyword arguments, checked, as :class:`CompileOptions` (``enable`` takes
     the same). A bad one is an OptionError (a ValueError; OptionTypeError for a wrong type,
     also a TypeError) naming the argument, the value and what is allowed, before anything
@@ -122,7 +127,7 @@ def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fus
     for name, value in (("max_shapes", max_shapes), ("max_graphs", max_graphs)):
         if not _int(value) or value < 1:
             raise bad(name, value, "an integer >= 1", type_error=not _int(value))
-    for name, value in (("fuse", fuse), ("repeated_timesteps", repeated_timesteps)):
+    for name, value in (("fuse", fuse), ("repeated_timesteps", repeated_timesteps), ("verbose", verbose)):
         if not isinstance(value, bool):
             raise bad(name, value, "True or False", type_error=True)
     if freezing is not None and not isinstance(freezing, bool):
@@ -159,7 +164,7 @@ def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fus
         max_shapes=int(max_shapes), fuse=fuse, options=options, freezing=freezing, segments=segments,
         max_graphs=int(max_graphs), scale_shift=scale_shift, timestep_rule=timestep_rule,
         repeated_timesteps=repeated_timesteps, forecast=int(forecast),
-        max_cache_bytes=None if max_cache_bytes is None else int(max_cache_bytes),
+        max_cache_bytes=None if max_cache_bytes is None else int(max_cache_bytes), verbose=verbose,
     )
 
 
@@ -226,6 +231,8 @@ def enable(target: Any, schedule: Schedule, *, denoiser: str | None = None, **op
                 model = model.model
                 setattr(target, name, model)
             engines.append(_attach(model, schedule, opts))
+            say(opts.verbose, f"caching {type(target).__name__}.{name} ({type(model).__name__}) with {schedule!r}; "
+                              f"its step graphs are built at the first call")
         old = target.__dict__.get("progress_bar")
         if isinstance(old, CallStart):
             old.remove()
@@ -236,6 +243,8 @@ def enable(target: Any, schedule: Schedule, *, denoiser: str | None = None, **op
     if not isinstance(target, torch.nn.Module):
         raise TypeError(f"fxcache.enable expects a diffusers pipeline or an nn.Module, got {type(target).__name__}")
     _attach(target, schedule, opts)
+    say(opts.verbose, f"caching {type(target).__name__} in place with {schedule!r}; its step graphs are built at "
+                      f"the first call")
     return target
 
 

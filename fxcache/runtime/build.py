@@ -4,7 +4,7 @@ programs, buffer specs and repair graph of one input signature (:func:`build_ent
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -52,6 +52,7 @@ class Entry:
     repair_program: Any = None  # compiled lazily, at the first step that needs it
     adaptive: Any = None  # AdaptiveSteps (fxcache.rewrite.adaptive) of an adaptive plan, else None
     adapter_module: Any = None  # the ScaleShift adapters in use, if any
+    ran: set = field(default_factory=set)  # kinds of step run at least once (compiled: the first run compiles)
 
 
 def _dense_stride(val: torch.Tensor) -> tuple:

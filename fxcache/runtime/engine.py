@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import threading
 import warnings
+import time
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..capture import flatten_call, signature_of
-from ..plan import Plan, PlanError
+from ..plan import Plan, PlanError, _fmt_bytes
 from ..rewrite.adaptive import DECISION as STATE_DECISION
 from ..rewrite.step_graphs import FORECAST_SLOT, forecast_weights
 from .build import Entry, build_entry, prepare
@@ -26,6 +27,7 @@ from .guards import foreign_hooks, snapshot
 from .lora import LoraScales
 from .options import TIMESTEP_RULES, CompileOptions, UnsupportedCallError
 from .state import Decider, GenerationState, ThreadStates, apply_timestep_rule
+from .voice import fmt_seconds, say
 
 __all__ = ["Engine", "PlanLengthError"]
 
@@ -266,6 +268,9 @@ class Engine:
     def _build(self, args: tuple, kwargs: dict, signature: tuple) -> Entry:
         local = self._local
         busy, local.busy = local.busy, True  # a call of the model while capturing runs it as written
+        verbose = self.options.verbose
+        name = type(self.model).__name__
+        t0 = time.perf_counter()
         try:
             with self._as_written(), self._lora.lifted(self.model):
                 prepared = prepare(self.model, self.schedule, self.options, args, kwargs)
@@ -274,11 +279,35 @@ class Engine:
         self.captures += 1
         old = self._stale.pop(signature, None)
         if old is not None and _same_graph(old.captured.gm, prepared.captured.gm):
+            say(verbose, f"captured {name} again after a change of its state: same graph, compiled graphs kept")
             return old  # the guard saw a change the forward does not read: same graph, same tensors
         self._uid += 1
         entry = build_entry(prepared, self.options, self._uid)
         self.scale_shift_adapters = entry.adapter_module
+        plan = entry.plan
+        shapes = ", ".join(str(tuple(x.shape)) for x in pytree.tree_leaves((args, kwargs))
+                           if isinstance(x, torch.Tensor) and x.ndim >= 2)
+        say(verbose, f"{name} for inputs {shapes}: captured and planned in {fmt_seconds(time.perf_counter() - t0)}; "
+                     f"{self.schedule!r} caches {len(plan.units)} unit(s), {len(plan.step_kinds)} kind(s) of step, "
+                     f"FLOP-ideal {plan.ideal_speedup:.2f}x, cache {_fmt_bytes(plan.cache_bytes)} per cache state"
+                     + (f"; {len(entry.programs)} step graph(s) compile with {self.options.backend} at their first "
+                        f"run" if self.options.backend is not None else ""))
         return entry
+
+    def _run_kind(self, entry: Entry, kind: int, flat, bufs):
+        """Run a kind of step; the first run of a compiled one says how long compiling took."""
+        if kind in entry.ran or self.options.backend is None:
+            return entry.programs[kind](flat, bufs)
+        kinds = entry.plan.step_kinds
+        what = "computes everything" if not kinds[kind].reused else f"reuses {len(kinds[kind].reused)} unit(s)"
+        say(self.options.verbose, f"compiling step graph {kind + 1} of {len(entry.programs)} of "
+                                  f"{type(self.model).__name__} ({what}) with {self.options.backend} ...")
+        t0 = time.perf_counter()
+        out = entry.programs[kind](flat, bufs)
+        entry.ran.add(kind)
+        say(self.options.verbose, f"step graph {kind + 1} of {len(entry.programs)} compiled and run in "
+                                  f"{fmt_seconds(time.perf_counter() - t0)}")
+        return out
 
     def _check_length(self, plan: Plan, state: GenerationState, total: int | None) -> None:
         """A non-periodic plan is a table for ``plan.num_steps`` steps; it is never run as a
@@ -436,7 +465,7 @@ class Engine:
                 out = self._repair_program(entry)(flat, bufs)
                 state.valid = set(entry.repair_writes)
             else:
-                out = entry.programs[kind](flat, bufs)
+                out = self._run_kind(entry, kind, flat, bufs)
                 valid = state.valid
                 valid -= entry.kind_stale[kind]
                 valid |= entry.kind_writes[kind]

@@ -31,6 +31,7 @@ class CompileOptions:
     timestep_rule: str = "auto"  # see "When does a new generation start?"
     repeated_timesteps: bool = False  # Heun-like schedulers: equal timesteps continue a generation
     forecast: int = 0  # cache reads: 0 reuse, 1/2 extrapolate over the last computed steps
+    verbose: bool = True  # capture, plan and compile lines on the "fxcache" logger (runtime/voice.py)
     max_cache_bytes: int | None = None  # budget of one cache state, checked when a shape's plan is built
 
 

@@ -1,0 +1,79 @@
+"""What fxcache says (issue 20): a line for capture and plan, one per step graph compiled
+with the time it took, one at ``enable``; quiet per model (``verbose=False``) or for all
+(``fxcache.set_verbosity``); only the ``"fxcache"`` logger is touched."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import fxcache
+from fxcache.errors import OptionTypeError
+from fxcache.testing import tiny
+
+
+@pytest.fixture
+def lines():
+    logger = logging.getLogger("fxcache")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        fxcache.set_verbosity(logging.INFO)
+
+
+def _run(cm, T):
+    with torch.no_grad():
+        for t in T.timesteps:
+            T.call(cm, t)
+
+
+def test_first_call_says_what_it_captures_plans_and_compiles(lines):
+    T = tiny("dit")
+    _run(fxcache.compile(T.model, fxcache.FORA(2), backend="eager"), T)
+    assert any("captured and planned" in m and "FORA(interval=2)" in m and "FLOP-ideal" in m and "per cache state" in m
+               for m in lines), lines
+    compiled = [m for m in lines if "compiled and run in" in m]
+    assert len(compiled) == 2, lines  # one line per step graph, once
+    n = len(lines)
+    _run(fxcache.compile(T.model, fxcache.FORA(2), backend=None), T)
+    assert not any("compil" in m for m in lines[n:] if "step graph" in m)  # eager graphs: nothing compiles
+
+
+def test_quiet_per_model_and_for_all(lines):
+    T = tiny("dit")
+    _run(fxcache.compile(T.model, fxcache.FORA(2), backend="eager", verbose=False), T)
+    assert lines == []
+    fxcache.set_verbosity("WARNING")
+    _run(fxcache.compile(T.model, fxcache.FORA(2), backend="eager"), T)
+    assert lines == []
+    with pytest.raises(ValueError, match="logging level"):
+        fxcache.set_verbosity("loud")
+    with pytest.raises(OptionTypeError, match="verbose"):
+        fxcache.compile(T.model, fxcache.FORA(2), verbose="yes")
+
+
+def test_enable_says_one_line(lines):
+    T = tiny("dit")
+    fxcache.enable(T.model, fxcache.FORA(2), backend=None)
+    try:
+        assert len(lines) == 1 and "in place" in lines[0] and "FORA" in lines[0]
+    finally:
+        fxcache.disable(T.model)
+
+
+def test_only_fxcaches_logger_is_configured():
+    logger = logging.getLogger("fxcache")
+    assert logger.handlers and not logger.propagate
+    assert logging.getLogger().handlers == [] or all(
+        not getattr(h, "formatter", None) or "fxcache" not in (h.formatter._fmt or "") for h in logging.getLogger().handlers)
