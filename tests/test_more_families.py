@@ -1,0 +1,95 @@
+"""More transformer families (``fxcache.testing.MORE_FAMILIES``): HunyuanVideo, QwenImage,
+LTX-Video, Sana and Chroma, found by structure and checked with the core exactness
+checks every family gets: the units FORA caches per block, a compute-everything plan
+bit for bit equal to the model in eager mode, FORA(2) equal to the hook reference
+(``tests/_reference.py``) to fp32 round-off, and ``fxcache.enable`` in place.
+
+Kept to three captures per family (units, the compute-everything wrapper, the in-place
+engine) so the file stays well under a minute."""
+
+import pytest
+import torch
+
+import fxcache
+from fxcache.schedules.registry import lower
+from fxcache.testing import MORE_FAMILIES, tiny
+
+from _reference import NaiveReference
+
+EAGER = dict(backend=None)
+
+# per family: the units FORA caches in block 0 (attention and MLP sublayers by
+# structure, or the whole residual branch of a single-stream block) and how many
+# FORA units the tiny config has in all
+FORA_UNITS = {
+    # double-stream blocks as Flux, then single-stream blocks cached as their residual branch;
+    # the token refiner inside context_embedder is a conditioning sub-network, not blocks
+    "hunyuanvideo": (["transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
+                      "single_transformer_blocks.0.branch"], 8),
+    # MLPs named img_mlp/txt_mlp, found by type (FeedForward); the last block's text
+    # stream is never used, so its txt_mlp is not a unit (nothing leaves it)
+    "qwenimage": (["transformer_blocks.0.attn", "transformer_blocks.0.img_mlp", "transformer_blocks.0.txt_mlp"], 5),
+    "ltx": (["transformer_blocks.0.attn1", "transformer_blocks.0.attn2", "transformer_blocks.0.ff"], 6),
+    # linear self-attention, cross-attention and a convolutional MLP (GLUMBConv, named ff)
+    "sana": (["transformer_blocks.0.attn1", "transformer_blocks.0.attn2", "transformer_blocks.0.ff"], 6),
+    "chroma": (["transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
+                "single_transformer_blocks.0.branch"], 8),
+}
+
+
+def _outputs(T, model):
+    with torch.no_grad():
+        return [T.output(T.call(model, t)).clone() for t in T.timesteps]
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_family_is_found_by_structure_and_exact(family):
+    T = tiny(family)
+    args, kwargs = T.inputs(T.timesteps[0])
+    units = fxcache.units(T.model, *args, **kwargs)
+    names = [u.name for u in units]
+    first, count = FORA_UNITS[family]
+    infos = units.infos()
+    fora = lower(fxcache.FORA(2), infos)
+    assert [n for n in fora.units if ".0." in n] == first, names
+    assert len(fora.units) == count
+    assert all(u.flops > 0 and u.cache_bytes > 0 for u in units if u.name in set(fora.units))
+    # the model's blocks are its top-level lists: HunyuanVideo's token refiner (attention
+    # blocks inside context_embedder) is a conditioning sub-network, so the first block
+    # (FirstBlockCache's probe, TeaCache's block 0) is transformer_blocks.0
+    blocks = [u.name for u in units if u.kind in ("transformer_block", "single_block")]
+    singles = ["single_transformer_blocks.0", "single_transformer_blocks.1"] if family in ("hunyuanvideo", "chroma") else []
+    assert blocks == ["transformer_blocks.0", "transformer_blocks.1"] + singles
+    assert not [u for u in units if u.kind == "skip_branch"]
+
+    plain = _outputs(T, T.model)
+    # a plan that computes every unit at every step: the model's own output, bit for bit
+    everything = fxcache.compile(T.model, fxcache.FORA(1), **EAGER)
+    got = _outputs(T, everything)
+    assert all(torch.equal(a, b) for a, b in zip(got, plain))
+    assert everything.plan.ideal_speedup == pytest.approx(1.0) and len(everything.plan.step_kinds) == 1
+    # the captured graph shares the model's parameters (nothing copied)
+    params = dict(T.model.named_parameters())
+    gm = everything.entries[-1].captured.gm
+    assert all(p is params[name] for name, p in gm.named_parameters())
+
+    # FORA(2): what the hook reference means (the sublayers' outputs reused at odd steps)
+    ref = NaiveReference(T, fora, units)
+    with torch.no_grad():
+        expected = [ref(step, t).clone() for step, t in enumerate(T.timesteps)]
+    assert torch.equal(expected[0], plain[0]) and not torch.equal(expected[1], plain[1])
+
+    # attached in place: the same object, FORA(2) as the reference, then detached again
+    assert fxcache.enable(T.model, fxcache.FORA(2), **EAGER) is T.model
+    try:
+        cached = _outputs(T, T.model)
+        engine = fxcache.engine_of(T.model)
+        assert engine.captures == 1 and engine.plan.ideal_speedup > 1.5
+        assert list(engine.plan.units) == list(fora.units)
+    finally:
+        fxcache.disable(T.model)
+    for step, (a, b) in enumerate(zip(cached, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"step {step}")  # fp32 round-off only
+    assert not torch.equal(cached[1], plain[1]) and torch.equal(cached[2], plain[2])
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(T, T.model), plain))
+
