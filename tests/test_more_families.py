@@ -93,3 +93,79 @@ def test_family_is_found_by_structure_and_exact(family):
     assert not torch.equal(cached[1], plain[1]) and torch.equal(cached[2], plain[2])
     assert all(torch.equal(a, b) for a, b in zip(_outputs(T, T.model), plain))
 
+
+
+# ------------------------------------------- CogVideoX at a resolution not its config's
+
+
+def _cogvideox_2b(side_h=12, side_w=10):
+    """CogVideoX 1.0 without rotary embeddings (as CogVideoX-2b): its patch embedding adds a
+    sin-cos positional embedding, precomputed for the config's 8x8 latents and built in
+    the forward (through ``Tensor.data``) for any other size; called here at 12x10."""
+    import diffusers
+
+    from fxcache.testing import Tiny
+
+    torch.manual_seed(0)
+    model = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+        text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+        max_text_seq_length=5, use_rotary_positional_embeddings=False,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    x, enc = torch.randn(1, 2, 4, side_h, side_w, generator=g), torch.randn(1, 5, 32, generator=g)
+    inputs = lambda t: ((x,), {"encoder_hidden_states": enc, "timestep": t.reshape(1)})
+    return Tiny("cogvideox", model, inputs, [torch.tensor(t) for t in (999, 749, 499, 249)], False)
+
+
+def test_cogvideox_at_another_resolution_than_its_config():
+    """Used to be a CaptureError ("We found a fake tensor in the exported program
+    constant's list ... patch_embed.lifted_tensor_0"): capture reads ``.data`` as
+    ``.detach()``, and the write through it is functionalised."""
+    T = _cogvideox_2b()
+    args, kwargs = T.inputs(T.timesteps[0])
+    assert args[0].shape[-2:] != (T.model.config.sample_height, T.model.config.sample_width)
+    plain = _outputs(T, T.model)
+    everything = fxcache.compile(T.model, fxcache.FORA(1), **EAGER)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(T, everything), plain))
+    gm = everything.entries[-1].captured.gm
+    params = dict(T.model.named_parameters())
+    assert all(p is params[name] for name, p in gm.named_parameters())
+
+    cached = fxcache.compile(T.model, fxcache.FORA(2), **EAGER)
+    got = _outputs(T, cached)
+    units = everything.entries[-1].units
+    ref = NaiveReference(T, lower(fxcache.FORA(2), units.infos()), units)
+    with torch.no_grad():
+        for step, t in enumerate(T.timesteps):
+            torch.testing.assert_close(got[step], ref(step, t), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got[1], plain[1])
+
+
+def test_tensor_data_in_a_forward_reads_the_live_tensor():
+    """``p.data`` in a forward is captured as a read of the parameter (not a baked copy),
+    so a weight changed in place is seen; a write into a parameter through ``.data`` is
+    refused like any other write into the model's state."""
+    from fxcache.capture import capture
+    from fxcache.errors import CaptureError
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w.data
+
+    class Writes(Scale):
+        def forward(self, x):
+            self.w.data.copy_(x)
+            return x * 2
+
+    m = Scale()
+    c = capture(m, (torch.ones(3),))
+    with torch.no_grad():
+        m.w.mul_(2)
+    assert torch.equal(c.gm(torch.ones(3))[0], torch.full((3,), 2.0))
+    with pytest.raises(CaptureError, match=r"writes parameter 'w' in place"):
+        capture(Writes(), (torch.ones(3),))
