@@ -5,7 +5,9 @@ bit for bit equal to the model in eager mode, FORA(2) equal to the hook referenc
 (``tests/_reference.py``) to fp32 round-off, and ``fxcache.enable`` in place.
 
 Kept to three captures per family (units, the compute-everything wrapper, the in-place
-engine) so the file stays well under a minute."""
+engine); the graph contract is checked after every pass (``FXCACHE_CHECK=1``, set by
+``conftest.py``). Also here: CogVideoX at a resolution other than its config's (its
+patch embedding goes through ``Tensor.data``), in its pipeline and alone."""
 
 import pytest
 import torch
