@@ -10,7 +10,6 @@ documented ``prompt_embeds`` path, so no tokenizer or text encoder is needed); t
 latents are returned (``output_type="latent"``), so no VAE runs.
 """
 
-import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
