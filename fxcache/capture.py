@@ -32,6 +32,11 @@ What functionalisation cannot remove, a forward that writes a model buffer or on
 its inputs, is a :class:`CaptureError` naming the node and its module; so is any
 mutating op left in the graph.
 
+``tensor.data`` in a forward is read as ``tensor.detach()`` while exporting
+(:class:`_DataAsDetach`): export cannot trace ``.data``, and under ``no_grad`` the two
+are the same view. A write through it is then an in-place op like any other
+(functionalised, or refused when it writes the model's state).
+
 Canonicalisation done here, because the exported graph carries nodes that make whole
 dead regions look alive:
 - ``aten._assert_tensor_metadata`` checks are removed (they only assert dtypes that
@@ -340,13 +345,34 @@ def _check_functional(gm: fx.GraphModule, name: str) -> None:
             )
 
 
+class _DataAsDetach(TorchFunctionMode):
+    """While exporting: ``tensor.data`` is read as ``tensor.detach()``.
+
+    ``torch.export`` cannot trace ``.data`` (its result becomes a fake tensor in the
+    program's constants, and export fails). Under ``no_grad`` the two are the same
+    tensor: a view of the same storage, outside autograd; so a write through it
+    (CogVideoXPatchEmbed, at a resolution other than its config's, builds its
+    positional embedding with ``joint.data[:, n:].copy_(pos)``) is an in-place op that
+    functionalisation turns into a value, and a parameter read as ``p.data`` stays a
+    read of the parameter instead of a baked copy."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__self__", None) is _DATA and getattr(func, "__name__", "") == "__get__":
+            return args[0].detach()
+        return func(*args, **(kwargs or {}))
+
+
+_DATA = torch._C.TensorBase.data  # the getset descriptor whose __get__ is ``tensor.data``
+
+
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> Captured:
     """Export ``model(*args, **kwargs)`` into a flat GraphModule sharing its parameters."""
     kwargs = dict(kwargs or {})
     args, kwargs = _normalize_call(model, tuple(args), kwargs)
     with _eval_mode(model), torch.no_grad():
         try:
-            ep = torch.export.export(model, args, kwargs, strict=False)
+            with _DataAsDetach():
+                ep = torch.export.export(model, args, kwargs, strict=False)
         except Exception as exc:  # torch raises many types here; all mean "cannot capture"
             raise CaptureError(
                 f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "

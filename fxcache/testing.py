@@ -14,9 +14,11 @@ from typing import Callable
 
 import torch
 
-__all__ = ["FAMILIES", "Tiny", "tiny"]
+__all__ = ["FAMILIES", "MORE_FAMILIES", "Tiny", "tiny"]
 
 FAMILIES = ("unet2d", "sd", "sdxl", "dit", "pixart", "sd3", "flux", "cogvideox", "wan")
+# more transformer families, each with its own test file (tests/test_more_families.py)
+MORE_FAMILIES = ("hunyuanvideo", "qwenimage", "ltx", "sana", "chroma")
 
 
 @dataclass
@@ -167,8 +169,84 @@ def tiny(family: str, batch: int = 1, dtype: torch.dtype = torch.float32, seed: 
         x, enc = randn(batch, 4, 2, size // 2, size // 2), randn(batch, 5, 32)
         inputs = lambda t: ((x, t.expand(batch) if t.ndim else t.repeat(batch), enc), {})
         ts, unet = [999, 749, 499, 249, 0], False
+    elif family == "hunyuanvideo":
+        # double-stream blocks (attn, ff, ff_context) then single-stream blocks as in Flux,
+        # plus a token refiner inside ``context_embedder`` (its own attention blocks)
+        model = diffusers.HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
+            num_single_layers=2, num_refiner_layers=2, patch_size=1, patch_size_t=1, guidance_embeds=True,
+            text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+        )
+        x, enc, pooled = randn(batch, 4, 2, size // 4, size // 4), randn(batch, 5, 16), randn(batch, 8)
+        enc_mask = torch.ones(batch, 5, dtype=torch.long)
+        guidance = torch.full((batch,), 3500.0, dtype=dtype)
+        inputs = lambda t: (
+            (x, t.expand(batch) if t.ndim else t.repeat(batch), enc, enc_mask, pooled),
+            {"guidance": guidance},
+        )
+        ts, unet = [999, 749, 499, 249, 0], False
+    elif family == "qwenimage":
+        # dual-stream blocks: one joint ``attn``, MLPs ``img_mlp`` and ``txt_mlp`` (found by type)
+        model = diffusers.QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+        )
+        side = size // 4
+        x, enc = randn(batch, side * side, 16), randn(batch, 5, 16)
+        enc_mask = torch.ones(batch, 5, dtype=torch.long)
+        img_shapes = [[(1, side, side)]] * batch
+        inputs = lambda t: (
+            (x,),
+            {"encoder_hidden_states": enc, "encoder_hidden_states_mask": enc_mask,
+             "timestep": (t.expand(batch) if t.ndim else t.repeat(batch)).to(dtype), "img_shapes": img_shapes},
+        )
+        ts, unet = [1.0, 0.75, 0.5, 0.25, 0.01], False
+    elif family == "ltx":
+        # LTX-Video: tokens in, ``attn1``/``attn2``/``ff`` per block; the latent grid's
+        # frames, height and width are plain ints of the call
+        frames, side = 2, size // 4
+        model = diffusers.LTXVideoTransformer3DModel(
+            in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
+            attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=16,
+        )
+        x, enc = randn(batch, frames * side * side, 4), randn(batch, 5, 16)
+        enc_mask = torch.ones(batch, 5, dtype=torch.long)
+        inputs = lambda t: (
+            (x, enc, t.expand(batch) if t.ndim else t.repeat(batch), enc_mask),
+            {"num_frames": frames, "height": side, "width": side},
+        )
+        ts, unet = [999, 749, 499, 249, 0], False
+    elif family == "sana":
+        # linear self-attention ``attn1``, cross-attention ``attn2``, convolutional MLP ``ff``
+        model = diffusers.SanaTransformer2DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+            caption_channels=16, sample_size=size // 2, patch_size=1,
+        )
+        x, enc = randn(batch, 4, size // 2, size // 2), randn(batch, 5, 16)
+        inputs = lambda t: ((x, enc, t.expand(batch) if t.ndim else t.repeat(batch)), {})
+        ts, unet = [999, 749, 499, 249, 0], False
+    elif family == "chroma":
+        # Flux's layout with the modulation made once by ``distilled_guidance_layer``
+        model = diffusers.ChromaTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(2, 2, 4),
+            approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1,
+        )
+        side = size // 4
+        n = side * side
+        x, enc = randn(batch, n, 16), randn(batch, 5, 32)
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side).float(), torch.arange(side).float(), indexing="ij"), -1)
+        img_ids = img_ids.reshape(n, 3).to(dtype)
+        txt_ids = torch.zeros(5, 3, dtype=dtype)
+        inputs = lambda t: (
+            (x,),
+            {"encoder_hidden_states": enc, "timestep": (t.expand(batch) if t.ndim else t.repeat(batch)).to(dtype),
+             "img_ids": img_ids, "txt_ids": txt_ids},
+        )
+        ts, unet = [1.0, 0.75, 0.5, 0.25, 0.01], False
     else:
-        raise KeyError(f"unknown family {family!r}; choose one of {FAMILIES}")
+        raise KeyError(f"unknown family {family!r}; choose one of {FAMILIES + MORE_FAMILIES}")
     if dtype != torch.float32:
         model = model.to(dtype)
     model = model.eval()

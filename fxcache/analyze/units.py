@@ -221,7 +221,10 @@ def _block_lists(module_type: dict[str, str]) -> set[str]:
     (``transformer_blocks`` in DiT, PixArt, SD3, Flux, CogVideoX and SD-like U-Nets,
     ``blocks`` in Wan). A U-Net's ``attentions`` list holds the attention (or its
     Transformer2DModel) itself, so it is not one. A list named ``transformer_blocks`` is
-    one whatever its elements hold (as before structure was used)."""
+    one whatever its elements hold (as before structure was used). When the model has
+    top-level block lists, a list found by structure deeper inside (HunyuanVideo's token
+    refiner, ``context_embedder.token_refiner.refiner_blocks``) belongs to a conditioning
+    sub-network and is not one."""
     children: dict[str, list[tuple[str, str]]] = {}
     for path, type_name in module_type.items():
         parent, _, child = path.rpartition(".")
@@ -234,6 +237,8 @@ def _block_lists(module_type: dict[str, str]) -> set[str]:
         named = m.group(1).rpartition(".")[2] == "transformer_blocks"  # diffusers' name, whatever the block holds
         if named or any("Attention" in t and not t.endswith("Processor") for _, t in children.get(path, ())):
             lists.add(m.group(1))
+    if any("." not in p for p in lists):
+        lists = {p for p in lists if "." not in p or p.rpartition(".")[2] == "transformer_blocks"}
     return lists
 
 
