@@ -327,6 +327,9 @@ def hook_span(model: torch.nn.Module, blocks: Sequence[str], pairs, compute: Cal
     step, returns ``input_now + stored`` in place of those outputs. The blocks still run
     (they are pure), which is what skipping them means.
 
+    A name may be a tuple of argument names: those inputs concatenated along dim 1 (a
+    joint text+image stream).
+
     ``forecast=1``: a reused step adds the line through the residuals of the last two
     computed steps, evaluated at this step (one computed step so far: the last one)."""
     import inspect
@@ -342,6 +345,9 @@ def hook_span(model: torch.nn.Module, blocks: Sequence[str], pairs, compute: Cal
 
     first, last = model.get_submodule(blocks[0]), model.get_submodule(blocks[-1])
 
+    def value(ins, name):  # a tuple of names: those inputs joined along the tokens (Chroma's joint stream)
+        return torch.cat([ins[n] for n in name], dim=1) if isinstance(name, tuple) else ins[name]
+
     def pre_first(mod, args, kwargs):
         state["inputs"] = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
 
@@ -350,7 +356,7 @@ def hook_span(model: torch.nn.Module, blocks: Sequence[str], pairs, compute: Cal
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         idx = [0 if i is None else i for i, _ in pairs]
         if state["compute"]:
-            history.insert(0, (state["step"], [outs[i] - ins[name] for i, (_, name) in zip(idx, pairs)]))
+            history.insert(0, (state["step"], [outs[i] - value(ins, name) for i, (_, name) in zip(idx, pairs)]))
             del history[forecast + 1:]
             return None
         if not history:
@@ -361,7 +367,7 @@ def hook_span(model: torch.nn.Module, blocks: Sequence[str], pairs, compute: Cal
             s1, r1 = history[1]
             res = [a + (a - b) / (s0 - s1) * (state["step"] - s0) for a, b in zip(r0, r1)]
         for i, (_, name), r in zip(idx, pairs, res):
-            outs[i] = ins[name] + r
+            outs[i] = value(ins, name) + r
         return outs[0] if not isinstance(out, (tuple, list)) else type(out)(outs)
 
     handles = [

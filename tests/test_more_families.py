@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxcache
-from fxcache.schedules.registry import lower
+from fxcache.schedules import lower
 from fxcache.testing import MORE_FAMILIES, tiny
 
 from _reference import NaiveReference
@@ -193,3 +193,24 @@ def test_tensor_data_in_a_forward_reads_the_live_tensor():
     assert torch.equal(c.gm(torch.ones(3))[0], torch.full((3,), 2.0))
     with pytest.raises(CaptureError, match=r"writes parameter 'w' in place"):
         capture(Writes(), (torch.ones(3),))
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+@pytest.mark.parametrize("schedule", ["FirstBlockCache", "TeaCache"])
+def test_adaptive_schedules_on_spans(family, schedule):
+    """FirstBlockCache and TeaCache lower onto one residual span on every new family:
+    threshold 0 computes every step (bit-exact), a huge one reuses after the first two
+    steps and changes the output."""
+    T = tiny(family)
+    make = getattr(fxcache, schedule)
+    calls = [T.inputs(t) for t in T.timesteps]
+    with torch.no_grad():
+        plain = [T.output(T.model(*a, **k)) for a, k in calls]
+        for threshold, reuses in ((0.0, False), (1e30, True)):
+            cm = fxcache.compile(T.model, make(threshold), backend=None)
+            with cm.generation():
+                outs = [T.output(cm(*a, **k)) for a, k in calls]
+            assert all(u.startswith("span:") for u in cm.plan.units), cm.plan.units
+            assert (False in cm.decisions()[None]) == reuses
+            same = [torch.equal(o, p) for o, p in zip(outs, plain)]
+            assert all(same) if not reuses else not all(same)

@@ -32,6 +32,9 @@ PAIRS = {
     "flux": [(0, "encoder_hidden_states"), (1, "hidden_states")],
     "sd3": [(1, "hidden_states")],
     "cogvideox": [(0, "hidden_states"), (1, "encoder_hidden_states")],
+    # Chroma joins text and image before its single-stream blocks and slices the image out after
+    # the last: a span ending there stores the joint stream minus the joined inputs
+    "chroma": [(None, ("encoder_hidden_states", "hidden_states"))],
 }
 
 
@@ -53,6 +56,8 @@ def _spans(family):
     """(first, last) block indices of the spans tested on each family."""
     if family == "flux":  # 1 double-stream block, 2 single-stream blocks
         return [(0, 2), (1, 2), (0, 0)]
+    if family == "chroma":  # across both kinds of block, into the joint stream
+        return [(0, -1)]
     return [(1, -1), (0, -1)]
 
 

@@ -21,7 +21,9 @@ carry the residual stream unchanged up to elementwise, value-preserving steps:
 
 The walk stops at the first node that *enters* the region (a node outside ``region``
 used by a node inside it); those it reaches with the whole tensor selected, of the
-output's shape, are the candidates. One candidate is the residual input; none means the
+output's shape, are the candidates. A slice of a concatenation made outside the region
+(Chroma concatenates text and image before its single-stream blocks) is followed into
+the concatenated piece it selects. One candidate is the residual input; none means the
 output has no residual form (a resnet whose shortcut is a convolution); two or more are
 ambiguous and refused (:class:`~fxcache.errors.UnsupportedModelError`), never guessed.
 """
@@ -162,10 +164,14 @@ def residual_source(gm: fx.GraphModule, output: str, region: frozenset, *, what:
         if (node.name, window) in seen:
             continue
         seen.add((node.name, window))
-        if node is not out and node.name in entering:
+        if node is not out and (node.name in entering or node.name not in region):
             if window is None and _shape(node) == out_shape and (v := _val(node)) is not None \
                     and v.is_floating_point():
                 found[node.name] = None
+            elif window is not None and node.op == "call_function" and node.target is _aten.cat.default:
+                # a slice of a concatenation made before the region (Chroma joins text and image
+                # before its single-stream blocks): the slice's own piece is the input
+                stack.extend(_steps(node, window))
             continue
         stack.extend(_steps(node, window))
     if len(found) > 1:

@@ -137,6 +137,14 @@ class UnitSet:
         region = {n.name for n in nodes[start : end + 1] if n.op == "call_function"}
         for b in blocks:
             region |= by_name[b].region
+        # the model's own glue right after the last block that reads only the span (Chroma
+        # slices the image stream out of the joint sequence after its single-stream blocks)
+        for n in nodes[end + 1:]:
+            top = len([p for p, _ in (n.meta.get("nn_module_stack") or {}).values() if p]) == 0
+            if not (n.op == "call_function" and top and n.all_input_nodes
+                    and all(a.name in region for a in n.all_input_nodes)):
+                break
+            region.add(n.name)
         full_live = live_nodes(gm)
         outputs = [n.name for n in nodes if n.name in region and n.name in full_live
                    and any(u.name not in region for u in n.users)]

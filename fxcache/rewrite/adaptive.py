@@ -148,10 +148,15 @@ def modulated_input(gm: fx.GraphModule, block, name: str = "TeaCache") -> str:
     it through the resnets before). A block with neither (a plain
     LayerNorm whose output no timestep-dependent scale or shift follows, as in SD's
     U-Net transformer blocks) is an :class:`UnsupportedModelError`."""
-    module = f"{block.module or block.name}.norm1"
+    base = block.module or block.name
     nodes = {n.name: n for n in gm.graph.nodes}
     out_val = _val(nodes[block.outputs[0]])
     shape = None if out_val is None else tuple(out_val.shape)
+    # the block's first norm: ``norm1`` in most families, the image stream's ``img_norm1`` in
+    # two-stream blocks that name their streams (QwenImage)
+    paths = {p for n in gm.graph.nodes for p, _ in (n.meta.get("nn_module_stack") or {}).values()}
+    module = next((f"{base}.{c}" for c in ("norm1", "img_norm1", "norm1_x") if f"{base}.{c}" in paths),
+                  f"{base}.norm1")
     inside = [n for n in gm.graph.nodes
               if any(p == module or p.startswith(module + ".") for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
     names_in = {n.name for n in inside}
