@@ -4,6 +4,8 @@ input shapes are known; a new input shape captures and plans again."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 from typing import TYPE_CHECKING, Any, Union
 
@@ -177,9 +179,59 @@ def plan_for(model: torch.nn.Module, schedule: Schedule, *example_args, num_step
     """The plan ``schedule`` gives on ``model`` for these inputs, bound to its rewritten
     graphs: the runtime's own build path up to compiling (capture, units, step graphs, an
     adaptive schedule's statistic and the buffer layout), so ``cache_bytes`` is what the
-    first call allocates per cache state and what that call refuses is refused here."""
+    first call allocates per cache state and what that call refuses is refused here.
+
+    ``model`` may be a diffusers pipeline: ``plan_for(pipe, schedule, prompt=...,
+    height=..., width=..., num_inference_steps=...)`` takes the pipeline call's keyword
+    arguments, runs the pipeline up to its denoiser's first call (text encoders,
+    latents, the scheduler's set-up), plans on exactly those inputs and stops there; the
+    number of steps is the call's (``num_inference_steps``, or the pipeline's default).
+    ``denoiser=`` names the component when it is not ``unet``/``transformer``."""
+    if _is_pipeline(model):
+        return _plan_for_pipeline(model, schedule, example_args, num_steps, example_kwargs)
     options = CompileOptions(num_steps=num_steps, backend=None)
-    return build_entry(prepare(model, schedule, options, example_args, example_kwargs), options, 0).plan
+    engine = engine_of(model)  # a model cached in place is planned as written
+    with engine._as_written() if engine is not None else contextlib.nullcontext():
+        prepared = prepare(model, schedule, options, example_args, example_kwargs)
+    return build_entry(prepared, options, 0).plan
+
+
+class _FirstCall(Exception):
+    """Raised by a pre-hook at a pipeline's first denoiser call, carrying its inputs."""
+
+
+def _plan_for_pipeline(pipe, schedule, example_args: tuple, num_steps: int | None, call: dict) -> Plan:
+    if example_args:
+        raise TypeError(
+            f"plan_for({type(pipe).__name__}, schedule, ...): a pipeline is planned from the keyword arguments of "
+            f"its call (prompt=, height=, width=, num_inference_steps=, ...), not from example inputs"
+        )
+    check_schedule(schedule)
+    call = dict(call)
+    name = _denoisers(pipe, call.pop("denoiser", None))[0]
+    module = getattr(pipe, name)
+    if isinstance(module, CachedModel):
+        module = module.model
+    if num_steps is None:
+        num_steps = call.get("num_inference_steps")
+        if num_steps is None:
+            param = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+            num_steps = param.default if param is not None and isinstance(param.default, int) else None
+
+    def first_call(mod, args, kwargs):
+        raise _FirstCall(args, kwargs)
+
+    handle = module.register_forward_pre_hook(first_call, with_kwargs=True, prepend=True)
+    try:
+        with torch.no_grad():
+            pipe(**call)
+    except _FirstCall as got:
+        args, kwargs = got.args
+    else:
+        raise UnitError(f"{type(pipe).__name__}(...) returned without calling its denoiser '{name}'; nothing to plan")
+    finally:
+        handle.remove()
+    return plan_for(module, schedule, *args, num_steps=num_steps, **kwargs)
 
 
 _DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder")

@@ -77,3 +77,38 @@ def test_enable_and_disable_on_a_model():
     # a wrapper given to enable is replaced by its model, which gets the new schedule in place
     assert fxcache.enable(cached, fxcache.DeepCache(interval=3, branch=0), **EAGER) is T.model
     assert fxcache.engine_of(T.model).schedule.interval == 3
+
+
+def test_plan_for_a_pipeline_before_its_first_call():
+    """plan_for(pipe, schedule, **call) runs the pipeline up to its denoiser's first call
+    (text encoding, latents, scheduler set-up), plans on those very inputs and stops: the
+    plan equals the one a real call builds, with the call's number of steps; nothing is
+    left attached or cached."""
+    pipe = _pipe()
+    sched = fxcache.DeepCache(interval=2, branch=0, uniform=False)  # not periodic: needs the step count
+    plan = fxcache.plan_for(pipe, sched, batch_size=2, num_inference_steps=5)
+    assert plan.num_steps == 5 and plan.units == ("skip_branch.0",)
+    assert fxcache.engine_of(pipe.unet) is None and not pipe.unet._forward_pre_hooks
+    fxcache.enable(pipe, sched, backend=None)
+    pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np")
+    cached = fxcache.engine_of(pipe.unet).plan
+    assert cached.table == plan.table and cached.cache_bytes == plan.cache_bytes
+    with pytest.raises(TypeError, match="example inputs"):
+        fxcache.plan_for(pipe, sched, torch.zeros(1))
+    engine = fxcache.engine_of(pipe.unet)
+    with pytest.raises(RuntimeError, match="plan_for\\(pipe"):
+        fxcache.compile(tiny("unet2d").model, SCHEDULE).plan
+    assert engine is fxcache.engine_of(pipe.unet)  # planning an enabled pipeline leaves its engine
+    again = fxcache.plan_for(pipe, sched, batch_size=2, num_inference_steps=5)
+    assert again.table == plan.table and fxcache.engine_of(pipe.unet) is engine
+
+
+def test_a_pipeline_tells_the_length_to_a_schedule_that_needs_it():
+    """enable(pipe, schedule) without num_steps: a schedule that needs the number of steps
+    (non-uniform DeepCache) takes the pipeline call's, and a call of another length plans
+    again for that length rather than running a table made for the first."""
+    pipe = _pipe()
+    fxcache.enable(pipe, fxcache.DeepCache(interval=2, branch=0, uniform=False), backend=None)
+    for n in (5, 4, 5):
+        pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=n, output_type="np")
+        assert fxcache.engine_of(pipe.unet).plan.num_steps == n

@@ -53,6 +53,7 @@ class Entry:
     adaptive: Any = None  # AdaptiveSteps (fxcache.rewrite.adaptive) of an adaptive plan, else None
     adapter_module: Any = None  # the ScaleShift adapters in use, if any
     ran: set = field(default_factory=set)  # kinds of step run at least once (compiled: the first run compiles)
+    auto_steps: int | None = None  # the generation length the caller told, when the plan was made for it
 
 
 def _dense_stride(val: torch.Tensor) -> tuple:

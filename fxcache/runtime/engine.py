@@ -8,6 +8,7 @@ alike. See :mod:`fxcache.runtime` for the rules it follows."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import threading
 import warnings
@@ -20,6 +21,7 @@ import torch.utils._pytree as pytree
 
 from ..capture import flatten_call, signature_of
 from ..plan import Plan, PlanError, _fmt_bytes
+from ..schedules import ScheduleError
 from ..rewrite.adaptive import DECISION as STATE_DECISION
 from ..rewrite.step_graphs import FORECAST_SLOT, forecast_weights
 from .build import Entry, build_entry, prepare
@@ -131,7 +133,9 @@ class Engine:
         if self._last_entry is None:
             raise RuntimeError(
                 "the plan is built at the first call (it depends on the input shapes); call the model "
-                "once, or use fxcache.plan_for(model, schedule, *example_args) to build it without running"
+                "once, or build it without running the model: fxcache.plan_for(model, schedule, *example_args, "
+                "**example_kwargs), or for a pipeline fxcache.plan_for(pipe, schedule, prompt=..., height=..., "
+                "width=..., num_inference_steps=...)"
             )
         return self._last_entry.plan
 
@@ -265,15 +269,24 @@ class Engine:
                 self._last_entry = None
         self._snapshot = snap
 
-    def _build(self, args: tuple, kwargs: dict, signature: tuple) -> Entry:
+    def _build(self, args: tuple, kwargs: dict, signature: tuple, hint: int | None = None) -> Entry:
         local = self._local
+        options = self.options
         busy, local.busy = local.busy, True  # a call of the model while capturing runs it as written
         verbose = self.options.verbose
         name = type(self.model).__name__
         t0 = time.perf_counter()
         try:
             with self._as_written(), self._lora.lifted(self.model):
-                prepared = prepare(self.model, self.schedule, self.options, args, kwargs)
+                try:
+                    prepared = prepare(self.model, self.schedule, options, args, kwargs)
+                except ScheduleError:
+                    if options.num_steps is not None or hint is None:
+                        raise
+                    # a schedule that needs the number of steps (a non-uniform DeepCache, last_steps):
+                    # the caller said how long this generation is
+                    options = dataclasses.replace(options, num_steps=hint)
+                    prepared = prepare(self.model, self.schedule, options, args, kwargs)
         finally:
             local.busy = busy
         self.captures += 1
@@ -282,9 +295,11 @@ class Engine:
             say(verbose, f"captured {name} again after a change of its state: same graph, compiled graphs kept")
             return old  # the guard saw a change the forward does not read: same graph, same tensors
         self._uid += 1
-        entry = build_entry(prepared, self.options, self._uid)
+        entry = build_entry(prepared, options, self._uid)
         self.scale_shift_adapters = entry.adapter_module
         plan = entry.plan
+        if options is not self.options and (not plan.periodic or plan.adaptive is not None):
+            entry.auto_steps = options.num_steps  # this plan depends on the length it was made for
         shapes = ", ".join(str(tuple(x.shape)) for x in pytree.tree_leaves((args, kwargs))
                            if isinstance(x, torch.Tensor) and x.ndim >= 2)
         say(verbose, f"{name} for inputs {shapes}: captured and planned in {fmt_seconds(time.perf_counter() - t0)}; "
@@ -405,11 +420,17 @@ class Engine:
         if self._foreign:
             return self._run_plain(args, kwargs)
         signature = signature_of(flat, spec)
+        # the generation's length when the caller knows it before its first step (a pipeline's
+        # progress bar, diffusers' cache_context(num_inference_steps=...)): a schedule that needs
+        # the number of steps and was not given one takes it from there
+        hint = source.total if source is not None and source.active else local.expected_steps
         with self._lock:
             entry = self._entries.get(signature)
+            if entry is not None and entry.auto_steps is not None and hint is not None and hint != entry.auto_steps:
+                entry = None  # a plan made for another length: plan again for this one
             if entry is None:
                 args_n, kwargs_n = pytree.tree_unflatten(flat, spec)
-                entry = self._build(args_n, kwargs_n, signature)
+                entry = self._build(args_n, kwargs_n, signature, hint)
                 self._entries[signature] = entry
                 while len(self._entries) > self.options.max_shapes:
                     self._entries.popitem(last=False)  # its buffers are dropped when a state meets the signature again
