@@ -21,7 +21,7 @@ from .runtime import attach as _attach
 from .runtime import detach as _detach
 from .runtime.build import build_entry, prepare
 from .runtime.pipeline import CallStart
-from .runtime.voice import say
+from .runtime.voice import say, short
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibrate.scale_shift import ScaleShift
@@ -283,7 +283,7 @@ def enable(target: Any, schedule: Schedule, *, denoiser: str | None = None, **op
                 model = model.model
                 setattr(target, name, model)
             engines.append(_attach(model, schedule, opts))
-            say(opts.verbose, f"caching {type(target).__name__}.{name} ({type(model).__name__}) with {schedule!r}; "
+            say(opts.verbose, f"caching {type(target).__name__}.{name} ({type(model).__name__}) with {short(schedule)}; "
                               f"its step graphs are built at the first call")
         old = target.__dict__.get("progress_bar")
         if isinstance(old, CallStart):
@@ -295,7 +295,7 @@ def enable(target: Any, schedule: Schedule, *, denoiser: str | None = None, **op
     if not isinstance(target, torch.nn.Module):
         raise TypeError(f"fxcache.enable expects a diffusers pipeline or an nn.Module, got {type(target).__name__}")
     _attach(target, schedule, opts)
-    say(opts.verbose, f"caching {type(target).__name__} in place with {schedule!r}; its step graphs are built at "
+    say(opts.verbose, f"caching {type(target).__name__} in place with {short(schedule)}; its step graphs are built at "
                       f"the first call")
     return target
 

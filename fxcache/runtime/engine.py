@@ -29,7 +29,7 @@ from .guards import foreign_hooks, snapshot
 from .lora import LoraScales
 from .options import TIMESTEP_RULES, CompileOptions, UnsupportedCallError
 from .state import Decider, GenerationState, ThreadStates, apply_timestep_rule
-from .voice import fmt_seconds, say
+from .voice import fmt_seconds, say, short
 
 __all__ = ["Engine", "PlanLengthError"]
 
@@ -303,7 +303,7 @@ class Engine:
         shapes = ", ".join(str(tuple(x.shape)) for x in pytree.tree_leaves((args, kwargs))
                            if isinstance(x, torch.Tensor) and x.ndim >= 2)
         say(verbose, f"{name} for inputs {shapes}: captured and planned in {fmt_seconds(time.perf_counter() - t0)}; "
-                     f"{self.schedule!r} caches {len(plan.units)} unit(s), {len(plan.step_kinds)} kind(s) of step, "
+                     f"{short(self.schedule)} caches {len(plan.units)} unit(s), {len(plan.step_kinds)} kind(s) of step, "
                      f"FLOP-ideal {plan.ideal_speedup:.2f}x, cache {_fmt_bytes(plan.cache_bytes)} per cache state"
                      + (f"; {len(entry.programs)} step graph(s) compile with {self.options.backend} at their first "
                         f"run" if self.options.backend is not None else ""))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 
-__all__ = ["logger", "set_verbosity", "say", "fmt_seconds"]
+__all__ = ["logger", "set_verbosity", "say", "fmt_seconds", "short"]
 
 logger = logging.getLogger("fxcache")
 if not logger.handlers:
@@ -45,3 +45,9 @@ def say(verbose: bool, msg: str) -> None:
 
 def fmt_seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def short(obj, width: int = 100) -> str:
+    """``repr(obj)`` cut to ``width`` characters (a MagCache's ratios, a Mask's table)."""
+    r = repr(obj)
+    return r if len(r) <= width else r[: width - 4] + "...)"
