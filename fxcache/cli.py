@@ -400,7 +400,7 @@ def cmd_demo(args) -> int:
         raise
     what = "capture + rewrite" + (f" + compile with {backend}" if backend else "")
     print(f"uncached generation: {t_ref:.2f} s; first cached generation ({what}): {t_first:.2f} s\n")
-    print(cached.plan)
+    print(cached.plan.explain(steps=args.steps))
     s, p = sqnr(ref, out), psnr(ref, out)
     print(f"\nfidelity of the cached samples to the uncached ones (same noise): SQNR {s:.2f} dB, PSNR {p:.2f} dB "
           f"(max |diff| {float((ref - out).abs().max()):.3f} on [-1, 1])")
@@ -416,7 +416,7 @@ def cmd_demo(args) -> int:
         print(report)
     footer = f"SQNR {s:.1f} dB, PSNR {p:.1f} dB"
     if report is not None:
-        footer += (f"; speed-up: ideal {report.ideal_speedup:.2f}x, predicted {report.predicted_speedup:.2f}x, "
+        footer += (f"; speed-up: FLOP-ideal {report.ideal_speedup:.2f}x, predicted {report.predicted_speedup:.2f}x, "
                    f"measured {report.measured_speedup:.2f}x")
     diff = ((ref - out).abs() * 4 - 1).clamp(-1, 1)  # |difference| x 4, black = 0
     save_side_by_side(

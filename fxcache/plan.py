@@ -292,8 +292,20 @@ class Plan:
 
     @property
     def ideal_speedup(self) -> float:
+        """The FLOP-ideal speed-up over the plan's table: its steps, or one period of a
+        periodic plan (:meth:`ideal_speedup_over` gives it over a whole generation)."""
         planned = self.planned_flops
         return (self.full_flops * self.num_steps / planned) if planned else float("inf")
+
+    def ideal_speedup_over(self, steps: int) -> float:
+        """The FLOP-ideal speed-up of a generation of ``steps`` steps, ``steps x full step
+        FLOPs / sum of the FLOPs of each step's kind`` (a periodic plan repeats; a static
+        plan of another length is refused). The one "FLOP-ideal" figure the demo, the CLI,
+        the benchmarks and the README report (``fxcache.evaluation.speed``)."""
+        if not self.periodic and steps != self.num_steps:
+            raise PlanError(f"this plan is a table for {self.num_steps} steps, not {steps}")
+        planned = sum(self.step_flops(s) for s in range(steps))
+        return (self.full_flops * steps / planned) if planned else float("inf")
 
     def _cached_units(self) -> list[str]:
         """The units that have a cache slot, in plan order: those some step kind reads or
@@ -345,18 +357,25 @@ class Plan:
         return int(contexts) * self.cache_bytes
 
     # ------------------------------------------------------------------ output
-    def explain(self, contexts: int = 1) -> str:
+    def explain(self, contexts: int = 1, steps: int | None = None) -> str:
         """The plan in words: units, step kinds, FLOPs, the FLOP-ideal speed-up and the cache
         bytes, per cache state and in total for ``contexts`` cache contexts
-        (:meth:`total_cache_bytes`). ``str(plan)`` is ``explain()``."""
+        (:meth:`total_cache_bytes`). ``steps``: the generation's length, for the FLOP-ideal
+        speed-up over the whole generation (a periodic plan's own figure is over one
+        period). ``str(plan)`` is ``explain()``."""
         total = self.total_cache_bytes(contexts)
         lines = []
         sched = f" from {self.schedule!r}" if self.schedule is not None else ""
         period = f"a period of {self.num_steps} steps that repeats" if self.periodic else f"{self.num_steps} steps"
         lines.append(f"fxcache plan{sched}: {len(self.units)} units, {period}")
+        over = "one period" if self.periodic else "the generation"
+        figure = f"FLOP-ideal speed-up {self.ideal_speedup:.2f}x over {over}"
+        if steps is not None and self.bound and (self.periodic or steps == self.num_steps) and steps != self.num_steps:
+            figure = (f"FLOP-ideal speed-up {self.ideal_speedup_over(steps):.2f}x over the generation of {steps} "
+                      f"steps ({self.ideal_speedup:.2f}x over one period)")
         lines.append(
             f"  full step: {_fmt_flops(self.full_flops)}FLOPs | planned: {_fmt_flops(self.planned_flops)}FLOPs "
-            f"over {self.num_steps} steps | ideal speed-up {self.ideal_speedup:.2f}x"
+            f"over {self.num_steps} steps | {figure}"
             + ("" if self.bound else " (estimated; exact once compiled)")
         )
         lines.append(f"  cache: {_fmt_bytes(self.cache_bytes)} per cache state"

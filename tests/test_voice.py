@@ -77,3 +77,18 @@ def test_only_fxcaches_logger_is_configured():
     assert logger.handlers and not logger.propagate
     assert logging.getLogger().handlers == [] or all(
         not getattr(h, "formatter", None) or "fxcache" not in (h.formatter._fmt or "") for h in logging.getLogger().handlers)
+
+
+def test_one_flop_ideal_figure_over_the_generation():
+    """The plan's own figure is over its table (one period of a periodic plan) and says so;
+    over a generation of 20 steps it is the figure the speed report and the demo print."""
+    T = tiny("unet2d")
+    args, kwargs = T.inputs(T.timesteps[0])
+    plan = fxcache.plan_for(T.model, fxcache.DeepCache(interval=3, branch=0), *args, **kwargs)
+    full, kinds = plan.full_flops, [plan.step_flops(s) for s in range(20)]
+    assert plan.ideal_speedup_over(20) == pytest.approx(20 * full / sum(kinds))
+    assert plan.ideal_speedup_over(20) != pytest.approx(plan.ideal_speedup)  # 20 is no multiple of 3
+    text = plan.explain(steps=20)
+    assert f"{plan.ideal_speedup_over(20):.2f}x over the generation of 20 steps" in text
+    assert f"({plan.ideal_speedup:.2f}x over one period)" in text
+    assert "over one period" in str(plan)
