@@ -1,4 +1,4 @@
-"""The package's layering, as the README's "Architecture" section draws it.
+"""The package's layering, as docs/how_it_works.md's "Architecture" section draws it.
 
 Every fxcache-internal import (top-level and lazy ones inside functions alike) is read
 from the source with ``ast`` and checked against :data:`MAY_IMPORT`: a stage imports
@@ -16,14 +16,15 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "fxcache"
 
-README = ROOT.parent / "README.md"
+# the diagram moved from the README to docs/how_it_works.md (issue 20)
+DIAGRAM = ROOT.parent / "docs" / "how_it_works.md"
 
 
-def _layers(readme: str) -> list[list[str]]:
-    """The README's Architecture diagram, top line first: each line's stages."""
-    head = readme.index("### Architecture: who may import whom")
-    start = readme.index("```", head) + 3
-    block = readme[start: readme.index("```", start)]
+def _layers(doc: str) -> list[list[str]]:
+    """The Architecture diagram (docs/how_it_works.md), top line first: each line's stages."""
+    head = doc.index("## Architecture: who may import whom")
+    start = doc.index("```", head) + 3
+    block = doc[start: doc.index("```", start)]
     return [[s.strip() for s in line.split("  ")[0].split("·")] for line in block.strip().splitlines()]
 
 
@@ -39,7 +40,7 @@ def _may_import(layers: list[list[str]]) -> dict[str, set[str]]:
 
 
 # the package's __init__ and __main__ sit above everything (they re-export the API)
-MAY_IMPORT: dict[str, set[str] | None] = {**_may_import(_layers(README.read_text())), "__init__": None,
+MAY_IMPORT: dict[str, set[str] | None] = {**_may_import(_layers(DIAGRAM.read_text())), "__init__": None,
                                           "__main__": None}
 
 
@@ -97,11 +98,11 @@ def test_imports_follow_the_layers():
         if allowed is None or stage in allowed or dotted in allowed:
             continue
         bad.append(f"{rel}:{line}: {own} imports {dotted or stage}")
-    assert not bad, "imports against the layering (README, Architecture):\n" + "\n".join(bad)
+    assert not bad, "imports against the layering (docs/how_it_works.md, Architecture):\n" + "\n".join(bad)
 
 
 def test_the_diagram_names_each_stage_once():
-    stages = [s for line in _layers(README.read_text()) for s in line]
+    stages = [s for line in _layers(DIAGRAM.read_text()) for s in line]
     assert len(stages) == len(set(stages)), stages
     assert {"errors", "runtime", "api", "calibrate", "rewrite"} <= set(stages)
 
@@ -115,7 +116,7 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     (pkg / "calibrate").mkdir()
     (pkg / "calibrate" / "__init__.py").write_text("")
     (pkg / "runtime.py").write_text("def f():\n    from .api import compile\n    from .calibrate import x\n")
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)  # README is bound already
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)  # DIAGRAM is bound already
     found = [(own, stage) for _, _, own, stage, _ in _edges()]
     assert ("runtime", "api") in found and ("runtime", "calibrate") in found
     with pytest.raises(AssertionError, match="runtime imports api"):
