@@ -182,3 +182,22 @@ def test_span_names_are_checked():
     infos = _units(T).infos()
     plan = to_plan(Mask(((True,), (False,)), (span_name(blocks[1], blocks[-1]),), periodic=True), infos)
     assert plan.unit_infos[0].kind == "span" and plan.unit_infos[0].flops > 0
+
+
+def test_a_span_starting_in_chromas_joint_stream_and_a_multi_block_probe():
+    """Chroma's single-stream blocks take the joined text+image sequence: a span that
+    starts there adds back that joined input (the slice after the last block follows it
+    into the concatenation). And a probe of several blocks (DBCache Fn=2 on Flux: a double
+    and a single block) pairs its residual through all of them."""
+    T = tiny("chroma")
+    blocks = _blocks(T)
+    span = span_name(blocks[2], blocks[-1])
+    got = _run(fxcache.compile(T.model, Mask(tuple((c,) for c in ROWS), (span,)), **EAGER), T)
+    with hook_span(T.model, blocks[2:], [(None, "hidden_states")], lambda s: ROWS[s]):
+        want = _run(T.model, T)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    F = tiny("flux")
+    args, kwargs = F.inputs(STEPS[0])
+    plan = fxcache.plan_for(F.model, fxcache.DBCache(2, 0, 0.1), *args, **kwargs)
+    assert plan.units == ("span:single_transformer_blocks.1..single_transformer_blocks.1",)

@@ -164,14 +164,17 @@ def residual_source(gm: fx.GraphModule, output: str, region: frozenset, *, what:
         if (node.name, window) in seen:
             continue
         seen.add((node.name, window))
-        if node is not out and (node.name in entering or node.name not in region):
+        if node is not out and node.name in entering:
             if window is None and _shape(node) == out_shape and (v := _val(node)) is not None \
                     and v.is_floating_point():
                 found[node.name] = None
             elif window is not None and node.op == "call_function" and node.target is _aten.cat.default:
                 # a slice of a concatenation made before the region (Chroma joins text and image
-                # before its single-stream blocks): the slice's own piece is the input
-                stack.extend(_steps(node, window))
+                # before its single-stream blocks): the piece the slice selects is the input
+                for piece, win in _steps(node, window):
+                    if win is None and _shape(piece) == out_shape and (v := _val(piece)) is not None \
+                            and v.is_floating_point():
+                        found[piece.name] = None
             continue
         stack.extend(_steps(node, window))
     if len(found) > 1:
