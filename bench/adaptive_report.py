@@ -1,4 +1,4 @@
-"""Evidence for the design of adaptive caching (README, "Adaptive caching"), on the CPU.
+"""Evidence for the design of adaptive caching (docs/schedules.md, "Adaptive caching"), on the CPU.
 
 1. ``torch.cond`` under inductor: the generated wrapper evaluates the predicate on the
    host (``if buf.item():``), i.e. a device-to-host sync per call; counted here by

@@ -1,6 +1,6 @@
 """fxcache under torch.distributed: two CPU processes with gloo, launched by torchrun.
 
-Drives ``examples/distributed.py`` (the README's commands) and checks what it reports:
+Drives ``examples/distributed.py`` (the commands in docs/devices.md) and checks what it reports:
 data parallel equals the single-process run bit for bit; under diffusers' context
 parallelism (Ulysses, Flux) the captured per-rank programs hold the collectives, the
 compute-everything plan equals the uncached context-parallel run, FORA matches

@@ -88,7 +88,7 @@ class Decider:
 
     def read(self) -> tuple[float, bool]:
         if self.event is not None:
-            self.event.synchronize()  # the copy queued after the previous step (see the README)
+            self.event.synchronize()  # the copy queued after the previous step (see docs/schedules.md, "Adaptive caching")
         return float(self.host_np[0]), bool(self.host_np[1] > 0.5)
 
     def write(self, decision: torch.Tensor) -> None:

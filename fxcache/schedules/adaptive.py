@@ -15,7 +15,7 @@ copies that flag to the host without blocking and reads it when the next step is
 called. A decision made inside the graph for the *same* step would need a control-flow
 op (``torch.cond``), whose predicate inductor evaluates on the host (``.item()`` in the
 generated wrapper: a device sync per step) and which CUDA graphs cannot capture. See the
-README, "Adaptive caching".
+docs/schedules.md, "Adaptive caching".
 
 Host-side limits on top of the device's flag, common to every policy: the first
 ``first_steps`` steps and the last ``last_steps`` steps compute everything, and at most
