@@ -200,7 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Measure, in this process: the FLOP-ideal speed-up, the speed-up predicted "
                            "from timing each step kind in isolation, the measured end-to-end speed-up, "
                            "and their ratio (runtime efficiency).")
-    bench.add_argument("--model", choices=MODELS, required=True, help="embedded trained model")
+    which = bench.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", choices=MODELS, help="embedded trained model")
+    which.add_argument("--pipeline", default=None, metavar="DIR",
+                       help="a diffusers pipeline saved in a local folder (save_pretrained): its denoiser is "
+                            "measured inside the pipeline's own loop")
+    bench.add_argument("--prompt", default="a photo of a cat", help="with --pipeline: the prompt, if it takes one")
     bench.add_argument("--schedule", type=parse_schedule, default=None,
                        help=f"{_SCHEDULE_HELP} (default: deepcache:3:0 for unet, fora:2 for dit)")
     common(bench)
@@ -480,6 +485,8 @@ def cmd_bench(args) -> int:
     from .models import generate
     from .schedules import DeepCache
 
+    if args.pipeline is not None:
+        return _bench_pipeline(args, measure_speedup)
     schedule = args.schedule or parse_schedule(_DEFAULT_SCHEDULE[args.model])
     if args.model == "dit" and isinstance(schedule, DeepCache):
         raise CliError("DeepCache caches behind a U-Net skip connection and the DiT has none; use --schedule fora:N")
@@ -507,6 +514,83 @@ def cmd_bench(args) -> int:
         from .artefacts.store import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2))  # a failure leaves the old file
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _pipeline_call(pipe, args) -> dict:
+    """Keyword arguments of one generation of ``pipe``: ``args.samples`` samples, ``args.steps``
+    steps, a fixed generator, latents out where the pipeline allows (the decoder is not what
+    is measured, and both arms would pay it)."""
+    import inspect
+
+    import torch
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    call = {"num_inference_steps": args.steps, "generator": torch.Generator().manual_seed(0)}
+    if "prompt" in params:
+        call["prompt"] = args.prompt
+        if "num_images_per_prompt" in params:
+            call["num_images_per_prompt"] = args.samples
+        elif "num_videos_per_prompt" in params:
+            call["num_videos_per_prompt"] = args.samples
+    elif "class_labels" in params:
+        call["class_labels"] = list(range(args.samples))
+    elif "batch_size" in params:
+        call["batch_size"] = args.samples
+    if "output_type" in params:
+        call["output_type"] = "latent" if "prompt" in params or "class_labels" in params else "np"
+    return call
+
+
+def _bench_pipeline(args, measure_speedup) -> int:
+    import os
+
+    from .api import _denoisers
+
+    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
+        raise CliError(f"--pipeline {args.pipeline}: not a diffusers pipeline folder (no model_index.json); save "
+                       f"one with pipe.save_pretrained(folder)")
+    if args.schedule is None:
+        raise CliError("--pipeline needs --schedule (e.g. deepcache:3:0 for a U-Net, fora:2 or fbc:0.1 for a "
+                       "transformer)")
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    name = _denoisers(pipe, None)[0]
+    model = getattr(pipe, name)
+    backend = _backend(args.backend)
+    _compile_warning(backend)
+    call = _pipeline_call(pipe, args)
+    print(f"fxcache bench: {type(pipe).__name__} from {args.pipeline}, denoiser '{name}' "
+          f"({type(model).__name__}), {args.steps} steps, {args.samples} sample(s)", flush=True)
+
+    def run(m):
+        setattr(pipe, name, m)
+        try:
+            call["generator"].manual_seed(0)
+            return pipe(**call)
+        finally:
+            setattr(pipe, name, model)
+
+    try:
+        subject, schedule = model, args.schedule
+        if args.forecast:  # a built CachedModel carries the option; measure_speedup uses it as it is
+            from . import compile as fx_compile
+
+            subject, schedule = fx_compile(model, schedule, backend=backend, mode=args.mode, forecast=args.forecast), None
+        report = measure_speedup(subject, schedule, run, backend=backend, mode=args.mode, repeats=args.repeats,
+                                 threads=args.threads, progress=True)
+    except Exception as exc:
+        if _is_fxcache_error(exc):
+            raise CliError(str(exc)) from exc
+        raise
+    print(report)
+    if args.json:
+        from .artefacts.store import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -663,3 +663,22 @@ def test_tables_header_names_the_stamp(repo):
         assert clean["commit"] in text and "plus uncommitted changes" in text and "scripts/new.py (untracked)" in text
     finally:
         del sys.modules[spec.name]
+
+
+def test_bench_on_a_local_pipeline_folder(tmp_path, capsys):
+    """fxcache bench --pipeline DIR: the user's own diffusers pipeline, saved in a folder
+    (no Hub), measured like the embedded models: the three speed figures."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from fxcache.testing import tiny
+
+    DDPMPipeline(unet=tiny("unet2d").model, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
+        tmp_path / "pipe")
+    code = cli.main(["bench", "--pipeline", str(tmp_path / "pipe"), "--schedule", "deepcache:2:0", "--steps", "4",
+                     "--samples", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for needle in ("DDPMPipeline", "unet", "(1) FLOP-ideal", "(3) measured"):
+        assert needle in out, needle
+    assert cli.main(["bench", "--pipeline", str(tmp_path / "nothing"), "--schedule", "fora:2"]) == 2
+    assert "not a diffusers pipeline folder" in capsys.readouterr().err
