@@ -32,5 +32,6 @@ class CompileOptions:
     repeated_timesteps: bool = False  # Heun-like schedulers: equal timesteps continue a generation
     forecast: int = 0  # cache reads: 0 reuse, 1/2 extrapolate over the last computed steps
     max_cache_bytes: int | None = None  # budget of one cache state, checked when a shape's plan is built
+    cache_dir: str | None = None  # warm start: AOTInductor packages of the step graphs (rewrite/warm.py)
 
 
