@@ -21,84 +21,90 @@ from fxcache.errors import OptionError, OptionTypeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CHILD = r'''
+CHILD = r"""
 import json, sys, logging
 import torch, diffusers, fxcache
 from fxcache.rewrite import warm
 
 logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
-cache_dir, out, interval, head = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-torch.manual_seed(0)
-model = diffusers.UNet2DModel(
-    sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=4, attention_head_dim=head,
-).eval()
-cm = fxcache.compile(model, fxcache.DeepCache(interval=interval, branch=1), backend="inductor", cache_dir=cache_dir)
+job = json.loads(sys.argv[1])
 x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-outs = []
-with torch.no_grad():
-    for t in (999, 749, 499, 249):
-        outs.append(cm(x, torch.tensor([t])).sample)
-torch.save(torch.stack(outs), out)
-print("STATS " + json.dumps(dict(warm.stats)))
-'''
+for run in job["runs"]:
+    before = dict(warm.stats)
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=run["head"],
+    ).eval()
+    cm = fxcache.compile(model, fxcache.DeepCache(interval=run["interval"], branch=1), backend="inductor",
+                         cache_dir=job["cache_dir"])
+    outs = []
+    with torch.no_grad():
+        for t in (999, 749, 499, 249)[: run["steps"]]:
+            outs.append(cm(x, torch.tensor([t])).sample)
+    torch.save(torch.stack(outs), run["out"])
+    print("STATS " + json.dumps({k: v - before.get(k, 0) for k, v in warm.stats.items()}), flush=True)
+"""
 
 
-def _run(tmp_path, cache_dir, name, interval=2, head=8):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    out = tmp_path / f"{name}.pt"
+def _run(tmp_path, cache_dir, *runs):
+    """One fresh process; per run (``name``, and ``interval``, ``head``, ``steps`` to
+    change), what it compiled/loaded/refused, its outputs; and the process's log."""
+    runs = [dict(dict(interval=2, head=8, steps=4), **r, out=str(tmp_path / f"{r['name']}.pt")) for r in runs]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(script), str(cache_dir), str(out), str(interval), str(head)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    job = json.dumps(dict(cache_dir=str(cache_dir), runs=runs))
+    proc = subprocess.run([sys.executable, "-c", CHILD, job], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [s for s in proc.stdout.splitlines() if s.startswith("STATS ")][-1]
-    stats = json.loads(line[len("STATS "):])
-    return stats, torch.load(out), proc.stderr
+    stats = [json.loads(s[len("STATS "):]) for s in proc.stdout.splitlines() if s.startswith("STATS ")]
+    return [(st, torch.load(r["out"])) for st, r in zip(stats, runs)], proc.stderr
 
 
 @pytest.fixture(scope="module")
 def first(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("warm")
     cache_dir = tmp / "cache"
-    stats, out, _ = _run(tmp, cache_dir, "first")
-    return tmp, cache_dir, stats, out
+    [(stats, out)], _ = _run(tmp, cache_dir, dict(name="first"))
+    return tmp, cache_dir, stats, out, sorted(n for n in os.listdir(cache_dir) if not n.startswith("."))
 
 
 def test_second_process_loads_and_gives_the_same_bits(first):
-    tmp, cache_dir, stats, out = first
-    assert stats.get("compiled", 0) >= 2 and stats.get("loaded", 0) == 0, stats  # two kinds of step
-    stats2, out2, _ = _run(tmp, cache_dir, "second")
-    assert stats2.get("compiled", 0) == 0 and stats2.get("loaded", 0) == stats["compiled"], stats2
+    tmp, cache_dir, stats, out, _ = first
+    assert stats.get("compiled", 0) == 2 and stats.get("loaded", 0) == 0, stats  # two kinds of step
+    [(stats2, out2)], _ = _run(tmp, cache_dir, dict(name="second"))
+    assert stats2.get("compiled", 0) == 0 and stats2.get("loaded", 0) == 2, stats2
     assert torch.equal(out, out2)
 
 
 def test_changed_schedule_or_model_config_is_a_miss(first):
-    tmp, cache_dir, stats, out = first
-    s_sched, _, log = _run(tmp, cache_dir, "interval3", interval=3)
-    assert s_sched.get("compiled", 0) >= 1 and s_sched.get("refused", 0) == 0, s_sched
-    assert "differs in" in log  # the miss says which fields of the key changed
-    s_model, out_model, _ = _run(tmp, cache_dir, "head4", head=4)
-    assert s_model.get("compiled", 0) >= 1 and s_model.get("loaded", 0) == 0, s_model
-    assert out_model.shape == out.shape
+    tmp, cache_dir, _, _, _ = first
+    # one step each: the full step's graph, which both the schedule and the config change
+    [(s_sched, _), (s_model, _)], log = _run(
+        tmp, cache_dir, dict(name="interval3", interval=3, steps=1), dict(name="head4", head=4, steps=1))
+    assert s_sched.get("compiled", 0) == 1 and s_sched.get("loaded", 0) == 0, s_sched
+    assert s_model.get("compiled", 0) == 1 and s_model.get("loaded", 0) == 0, s_model
+    # the same step graph under another schedule: the log says only the plan ('context') differs
+    assert "differs in ['context']" in log, log[-2000:]
 
 
 def test_damaged_package_is_refused_and_compiled_again(first, tmp_path):
-    _, cache_dir, stats, out = first
+    _, cache_dir, stats, out, names = first
     damaged = tmp_path / "cache"
     damaged.mkdir()
-    for name in os.listdir(cache_dir):
-        if not name.startswith("."):
-            (damaged / name).write_bytes((cache_dir / name).read_bytes())
+    for name in names:  # the first process's two packages and their headers
+        (damaged / name).write_bytes((cache_dir / name).read_bytes())
     victim = sorted(p for p in damaged.iterdir() if p.suffix == ".pt2")[0]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    s, out2, log = _run(tmp_path, damaged, "damaged")
-    assert s.get("refused", 0) == 1 and s.get("compiled", 0) == 1, s
+    [(s, out2)], log = _run(tmp_path, damaged, dict(name="damaged"))
+    assert s.get("refused", 0) == 1 and s.get("compiled", 0) == 1 and s.get("loaded", 0) == 1, s
     assert "refused the package" in log and "do not match the SHA-256" in log, log[-2000:]
     torch.testing.assert_close(out2, out, rtol=0, atol=1e-5)
+    # and the package written in its place is whole again: a later process loads both
+    [(s3, out3)], _ = _run(tmp_path, damaged, dict(name="after"))
+    assert s3.get("loaded", 0) == 2 and s3.get("compiled", 0) == 0, s3
+    assert torch.equal(out3, out2)
 
 
 def test_cache_dir_is_checked(tmp_path):

@@ -178,18 +178,28 @@ class WarmProgram:
         self.fallback = fallback  # (gm, options) -> callable, for a graph with non-tensor inputs
         self.options = options
         self.context = context
-        self.runner = None
-        self.attrs: list = []
-        self.path: str | None = None
-        self.event: str | None = None  # "loaded" or "compiled"
+        self.runners: dict = {}  # the inputs' layout -> its loaded package
+        self.everything = None  # torch.compile of gm, for inputs that are not all tensors
+        self.attrs: list | None = None
+        self.paths: list[str] = []
         self._lock = threading.Lock()
 
     def __call__(self, *args):
-        if self.runner is None:
+        if self.everything is not None:
+            return self.everything(*args)
+        # a package is compiled for one layout of its inputs (shape, stride, dtype, device) and
+        # checks none of it: another layout (an expanded timestep, say) gets its own package
+        sig = tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else None for a in args)
+        runner = self.runners.get(sig)
+        if runner is None:
             with self._lock:
-                if self.runner is None:
-                    self._prepare(args)
-        return self.runner(*args, *[getattr(o, n) for o, n in self.attrs])
+                runner = self.runners.get(sig)
+                if runner is None:
+                    runner = self._prepare(args)
+                    if self.everything is not None:
+                        return self.everything(*args)
+                    self.runners[sig] = runner
+        return runner(*args, *[getattr(o, n) for o, n in self.attrs])
 
     # -- the key -----------------------------------------------------------------
     def _material(self, lifted: fx.GraphModule, targets: list[str], args: tuple) -> dict:
@@ -216,14 +226,14 @@ class WarmProgram:
         }
 
     # -- load or compile -----------------------------------------------------------
-    def _prepare(self, args: tuple) -> None:
+    def _prepare(self, args: tuple):
         lifted, targets = lift(self.gm)
         if not all(isinstance(a, torch.Tensor) for a in args):
             stats["fallback"] += 1
             log.warning("fxcache warm start: a step graph has non-tensor inputs; compiled with torch.compile, "
                         "not cached on disk")
-            self.runner = self.fallback(self.gm, self.options)
-            return
+            self.everything = self.fallback(self.gm, self.options)
+            return None
         material = self._material(lifted, targets, args)
         blob = json.dumps(material, sort_keys=True, default=str).encode()
         key = hashlib.sha256(blob).hexdigest()
@@ -239,9 +249,10 @@ class WarmProgram:
                      _nearest(folder, material))
         if runner is None:
             runner = self._compile(lifted, args, targets, pt2, header, key, material)
-        self.attrs = [_owner(self.gm, t) for t in targets]
-        self.runner = runner
-        self.path = pt2
+        if self.attrs is None:
+            self.attrs = [_owner(self.gm, t) for t in targets]
+        self.paths.append(pt2)
+        return runner
 
     def _load(self, pt2: str, header: str, key: str, material: dict):
         t0 = time.perf_counter()
@@ -259,10 +270,8 @@ class WarmProgram:
             stats["refused"] += 1
             log.warning("fxcache warm start: refused the package %s: %s; compiling it again", pt2,
                         f"{type(e).__name__}: {e}")
-            self.event = "refused"
             return None
         stats["loaded"] += 1
-        self.event = "loaded"
         seconds["load_s"] += time.perf_counter() - t0
         log.info("fxcache warm start: loaded %s in %.2f s", pt2, time.perf_counter() - t0)
         return runner
@@ -282,7 +291,6 @@ class WarmProgram:
         write_text_atomic(header, json.dumps({"key": key, "package_sha256": digest, "material": material},
                                              sort_keys=True, indent=1, default=str))
         stats["compiled"] += 1
-        self.event = "compiled"
         # the first process runs the package from disk too, so a second one gives the same bits
         runner = _load_package(pt2)
         seconds["compile_s"] += time.perf_counter() - t
