@@ -42,6 +42,8 @@ import fxcache.runtime.engine as eng
 from fxcache.rewrite import warm
 t_import = time.perf_counter()
 args = json.loads(sys.argv[1])
+if args["threads"]:
+    torch.set_num_threads(args["threads"])
 phases = {}
 def timed(name):
     f = getattr(eng, name)
@@ -92,10 +94,15 @@ def run_warm(repeat, name, *args, **kwargs):
     return r
 
 
+THREADS = [0]  # --threads: torch.set_num_threads and OMP_NUM_THREADS in every run (0: torch's default)
+
+
 def run(name, inductor_dir, cache_dir, out, freezing=None):
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_dir,
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    arg = json.dumps(dict(cache_dir=cache_dir, out=out, freezing=freezing))
+    if THREADS[0]:
+        env["OMP_NUM_THREADS"] = str(THREADS[0])
+    arg = json.dumps(dict(cache_dir=cache_dir, out=out, freezing=freezing, threads=THREADS[0]))
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -132,7 +139,8 @@ def report(results, command, same_bits, diff):
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {os.cpu_count()} CPUs visible; torch {results[0]['torch']}; "
+        f"Machine: {os.cpu_count()} CPUs visible; intra-op threads: {THREADS[0] or 'torch default'}; "
+        f"torch {results[0]['torch']}; "
         f"shared with other jobs, so figures vary from run to run.",
         "",
         "Warm rows: the median of several fresh processes (all of them in the last column); the phases are "
@@ -166,8 +174,13 @@ def report(results, command, same_bits, diff):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per warm row; the median is shown")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads of every run (0: torch's default). On a machine shared with other jobs, "
+                         "OpenMP threads stall when another process holds a core (a 20-step generation measured "
+                         "0.1 s to 16 s with 2 threads); 1 makes the runs comparable")
     ap.add_argument("--out", default=os.path.join(RESULTS, "warm_start.md"))
     a = ap.parse_args()
+    THREADS[0] = a.threads
     import torch
 
     results = []

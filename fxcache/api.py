@@ -80,7 +80,7 @@ def compile(
     that needs more raises :class:`~fxcache.errors.CacheBudgetError` naming the biggest
     cached units. Each cache context (diffusers' ``cache_context("cond")`` /
     ``("uncond")``) holds its own state: ``plan.total_cache_bytes(contexts)``.
-    cache_dir: warm start (``backend="inductor"`` only): each step graph is compiled
+    cache_dir: warm start (``backend="inductor"`` only; ``~`` is expanded): each step graph is compiled
     with AOTInductor into a package in this folder, keyed by the graph, its inputs,
     the options and the torch/fxcache versions, and a later process that builds the
     same graph loads it instead of compiling (``docs/warm_start.md``).
@@ -153,6 +153,7 @@ def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fus
         if not isinstance(cache_dir, str) or not cache_dir:
             raise bad("cache_dir", cache_dir, "None or the path of a folder (str or os.PathLike) for the compiled "
                       "step graphs", type_error=not isinstance(cache_dir, str))
+        cache_dir = os.path.expanduser(cache_dir)
         if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
             raise bad("cache_dir", cache_dir, "a folder (this path exists and is not one)")
         if backend != "inductor":

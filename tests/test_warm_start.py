@@ -121,3 +121,6 @@ def test_cache_dir_is_checked(tmp_path):
         fxcache.compile(model, fxcache.DeepCache(interval=2, branch=1), cache_dir=afile)
     cm = fxcache.compile(model, fxcache.DeepCache(interval=2, branch=1), cache_dir=tmp_path / "new")
     assert cm.options.cache_dir == str(tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # made at the first compile, not before
+    home = fxcache.compile(model, fxcache.DeepCache(interval=2, branch=1), cache_dir="~/fxcache-packages")
+    assert home.options.cache_dir == os.path.expanduser("~/fxcache-packages")
