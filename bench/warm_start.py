@@ -176,8 +176,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per warm row; the median is shown")
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads of every run (0: torch's default). On a machine shared with other jobs, "
-                         "OpenMP threads stall when another process holds a core (a 20-step generation measured "
-                         "0.1 s to 16 s with 2 threads); 1 makes the runs comparable")
+                         "OpenMP threads stall when another process holds a core (see the 2-thread run committed in "
+                         "8bf6224: 20-step generations stalled by seconds); 1 makes the runs comparable")
     ap.add_argument("--out", default=os.path.join(RESULTS, "warm_start.md"))
     a = ap.parse_args()
     THREADS[0] = a.threads

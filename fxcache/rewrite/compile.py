@@ -21,6 +21,9 @@ under ``torch.no_grad()`` / ``torch.inference_mode()``, as in diffusers pipeline
 graph safe for them (the runtime marks them static). On CPU tensors it does not apply
 and inductor compiles without CUDA graphs; the plan's compile note says so.
 
+With ``cache_dir`` (inductor only) each graph becomes an AOTInductor package instead,
+loaded from that folder by later processes (:mod:`.warm`, ``docs/warm_start.md``).
+
 When a plan has more kinds of step than ``max_graphs`` (block caching can give one
 kind per step), graphs are compiled per segment instead (:mod:`.segments`).
 """
@@ -177,11 +180,12 @@ def build_programs(gm, units, solved, options, device: torch.device, adapters=No
     graphs = solved.graphs
     backend = "eager FX graphs, not compiled" if options.backend is None else f"backend={options.backend!r}"
     extra = ""
-    if options.backend == "inductor":
+    if getattr(options, "cache_dir", None) is not None:
+        extra += (f", AOTInductor packages in cache_dir={os.fspath(options.cache_dir)!r} (warm start; the weights "
+                  f"are inputs of the packages, so freezing does not apply)")
+    elif options.backend == "inductor":
         freezing = _inductor_options(options).get("freezing")
         extra += f", freezing={freezing}"
-    if getattr(options, "cache_dir", None) is not None:
-        extra += f", AOTInductor packages in cache_dir={os.fspath(options.cache_dir)!r} (warm start)"
     if options.mode:
         extra += f", mode={options.mode!r}"
         if options.mode == "reduce-overhead" and device.type != "cuda":
