@@ -55,6 +55,7 @@ def compile(
     forecast: int = 0,
     max_cache_bytes: int | None = None,
     verbose: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> CachedModel:
     """Return a drop-in replacement for ``model`` that follows ``schedule``.
 
@@ -86,6 +87,10 @@ def compile(
     verbose: say what the first call with each input shape does (capture, the plan,
     each step graph compiled and how long it took) on the ``"fxcache"`` logger;
     ``False`` for this model, ``fxcache.set_verbosity("WARNING")`` for all.
+    cache_dir: warm start (``backend="inductor"`` only; ``~`` is expanded): each step graph is compiled
+    with AOTInductor into a package in this folder, keyed by the graph, its inputs,
+    the options and the torch/fxcache versions, and a later process that builds the
+    same graph loads it instead of compiling (``docs/warm_start.md``).
     """
     if not isinstance(model, torch.nn.Module):
         raise OptionTypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
@@ -96,14 +101,15 @@ def compile(
         backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
         freezing=freezing, segments=segments, max_graphs=max_graphs, scale_shift=scale_shift,
         timestep_rule=timestep_rule, repeated_timesteps=repeated_timesteps, forecast=forecast,
-        max_cache_bytes=max_cache_bytes, verbose=verbose,
+        max_cache_bytes=max_cache_bytes, verbose=verbose, cache_dir=cache_dir,
     )
     return CachedModel(model, schedule, opts)
 
 
 def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fuse=True, options=None,
              freezing=None, segments="auto", max_graphs=8, scale_shift=None, timestep_rule="auto",
-             repeated_timesteps=False, forecast=0, max_cache_bytes=None, verbose=True) -> CompileOptions:
+             repeated_timesteps=False, forecast=0, max_cache_bytes=None, verbose=True,
+             cache_dir=None) -> CompileOptions:
     """``compile``'s keyword arguments, checked, as :class:`CompileOptions` (``enable`` takes
     the same). A bad one is an OptionError (a ValueError; OptionTypeError for a wrong type,
     also a TypeError) naming the argument, the value and what is allowed, before anything
@@ -149,6 +155,22 @@ def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fus
         raise bad("max_cache_bytes", max_cache_bytes,
                   "None (no budget) or a whole number of bytes >= 1 per cache state, e.g. 8 * 2**30",
                   type_error=not _int(max_cache_bytes))
+    if cache_dir is not None:
+        if isinstance(cache_dir, os.PathLike):
+            cache_dir = os.fspath(cache_dir)
+        if not isinstance(cache_dir, str) or not cache_dir:
+            raise bad("cache_dir", cache_dir, "None or the path of a folder (str or os.PathLike) for the compiled "
+                      "step graphs", type_error=not isinstance(cache_dir, str))
+        cache_dir = os.path.expanduser(cache_dir)
+        if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+            raise bad("cache_dir", cache_dir, "a folder (this path exists and is not one)")
+        if backend != "inductor":
+            raise bad("cache_dir", cache_dir, f"None with backend={backend!r}: the warm start stores AOTInductor "
+                      f"packages, so it needs backend='inductor'")
+        if mode == "reduce-overhead":
+            raise bad("cache_dir", cache_dir, "None with mode='reduce-overhead': AOTInductor packages do not "
+                      "use CUDA graphs")
+        cache_dir = os.path.abspath(cache_dir)
     if scale_shift is not None:
         from .rewrite.adapters import ScaleShift
 
@@ -167,6 +189,7 @@ def _options(*, backend="inductor", mode=None, num_steps=None, max_shapes=4, fus
         max_graphs=int(max_graphs), scale_shift=scale_shift, timestep_rule=timestep_rule,
         repeated_timesteps=repeated_timesteps, forecast=int(forecast),
         max_cache_bytes=None if max_cache_bytes is None else int(max_cache_bytes), verbose=verbose,
+        cache_dir=cache_dir,
     )
 
 

@@ -29,6 +29,8 @@ def _name(path: pathlib.Path) -> str:
 
 # (file, section heading, index of the block in that section) -> why it is not executed here
 NOT_RUN = {
+    ("docs/warm_start.md", "Warm start: reuse compiled step graphs in a new process", 0): "a fragment (`model`) that "
+    "compiles with inductor and AOTInductor (minutes); tests/test_warm_start.py runs the same in fresh processes",
     ("docs/usage.md", "Quick start", 1): "needs a diffusers pipeline `pipe` (tests/test_dropin_pipelines.py covers "
     "enable/attach; the README's U-Net recipe runs one)",
     ("docs/schedules.md", "The four methods, one example each", 0): "trains adapters and learns a mask with inductor "

@@ -21,12 +21,16 @@ under ``torch.no_grad()`` / ``torch.inference_mode()``, as in diffusers pipeline
 graph safe for them (the runtime marks them static). On CPU tensors it does not apply
 and inductor compiles without CUDA graphs; the plan's compile note says so.
 
+With ``cache_dir`` (inductor only) each graph becomes an AOTInductor package instead,
+loaded from that folder by later processes (:mod:`.warm`, ``docs/warm_start.md``).
+
 When a plan has more kinds of step than ``max_graphs`` (block caching can give one
 kind per step), graphs are compiled per segment instead (:mod:`.segments`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -146,9 +150,20 @@ def _inductor_options(options) -> dict | None:
     return merged
 
 
-def compile_graph(gm, options):
+def compile_graph(gm, options, context=None):
+    """``gm`` compiled as ``options`` ask: itself (``backend=None``), an AOTInductor package
+    loaded from or written to ``options.cache_dir`` (:mod:`.warm`; ``context`` is part of its
+    key), or ``torch.compile``."""
     if options.backend is None:
         return gm
+    if getattr(options, "cache_dir", None) is not None:
+        from .warm import WarmProgram
+
+        return WarmProgram(gm, options, context, fallback=_torch_compile)
+    return _torch_compile(gm, options)
+
+
+def _torch_compile(gm, options):
     kwargs = dict(backend=options.backend, fullgraph=True, dynamic=False)
     if options.backend == "inductor":
         kwargs["options"] = _inductor_options(options)
@@ -165,19 +180,29 @@ def build_programs(gm, units, solved, options, device: torch.device, adapters=No
     graphs = solved.graphs
     backend = "eager FX graphs, not compiled" if options.backend is None else f"backend={options.backend!r}"
     extra = ""
-    if options.backend == "inductor":
+    if getattr(options, "cache_dir", None) is not None:
+        extra += (f", AOTInductor packages in cache_dir={os.fspath(options.cache_dir)!r} (warm start; the weights "
+                  f"are inputs of the packages, so freezing does not apply)")
+    elif options.backend == "inductor":
         freezing = _inductor_options(options).get("freezing")
         extra += f", freezing={freezing}"
     if options.mode:
         extra += f", mode={options.mode!r}"
         if options.mode == "reduce-overhead" and device.type != "cuda":
             extra += " (CUDA graphs do not apply to CPU tensors: compiled without them)"
+    # part of each package's key (warm start): the plan's kinds of step and its units
+    context = None
+    if getattr(options, "cache_dir", None) is not None:
+        from .warm import model_identity
+
+        context = {"model": model_identity(gm), "kind_of_step": [str(k) for k in solved.kind_of_step],
+                   "units": [str(u.name) for u in units]}
     use_segments = options.segments is True or (options.segments == "auto" and len(graphs) > options.max_graphs)
     if use_segments:
         programs, segments = build_segments(gm, units, graphs, adapters)
         if programs is not None:
-            for seg in segments:
-                seg.runner = compile_graph(seg.gm, options)
+            for i, seg in enumerate(segments):
+                seg.runner = compile_graph(seg.gm, options, context and dict(context, segment=i))
             why = (
                 f"{len(graphs)} kinds of step > max_graphs={options.max_graphs}: one graph per segment between "
                 f"unit boundaries ({len(segments)} segments), so the count grows with units, not steps"
@@ -186,5 +211,6 @@ def build_programs(gm, units, solved, options, device: torch.device, adapters=No
         fallback = "; segments could not express every kind of step, so one graph per kind"
     else:
         fallback = ""
-    programs = [_KindProgram(compile_graph(g.gm, options), g.buffers) for g in graphs]
+    programs = [_KindProgram(compile_graph(g.gm, options, context and dict(context, kind=i)), g.buffers)
+                for i, g in enumerate(graphs)]
     return programs, len(graphs), f"one graph per kind of step, fullgraph=True; {backend}{extra}{fallback}"

@@ -33,5 +33,6 @@ class CompileOptions:
     forecast: int = 0  # cache reads: 0 reuse, 1/2 extrapolate over the last computed steps
     verbose: bool = True  # capture, plan and compile lines on the "fxcache" logger (runtime/voice.py)
     max_cache_bytes: int | None = None  # budget of one cache state, checked when a shape's plan is built
+    cache_dir: str | None = None  # warm start: AOTInductor packages of the step graphs (rewrite/warm.py)
 
 
