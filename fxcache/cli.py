@@ -498,6 +498,11 @@ def cmd_bench(args) -> int:
     def run(m):
         return generate(m, num_steps=args.steps, num_samples=args.samples, seed=0, class_labels=labels)
 
+    return _measure_and_report(args, model, schedule, run, backend, measure_speedup)
+
+
+def _measure_and_report(args, model, schedule, run, backend, measure_speedup) -> int:
+    """``fxcache bench``'s measurement and output, for an embedded model or a pipeline's denoiser."""
     try:
         if args.forecast:  # a built CachedModel carries the option; measure_speedup uses it as it is
             from . import compile as fx_compile
@@ -574,25 +579,7 @@ def _bench_pipeline(args, measure_speedup) -> int:
         finally:
             setattr(pipe, name, model)
 
-    try:
-        subject, schedule = model, args.schedule
-        if args.forecast:  # a built CachedModel carries the option; measure_speedup uses it as it is
-            from . import compile as fx_compile
-
-            subject, schedule = fx_compile(model, schedule, backend=backend, mode=args.mode, forecast=args.forecast), None
-        report = measure_speedup(subject, schedule, run, backend=backend, mode=args.mode, repeats=args.repeats,
-                                 threads=args.threads, progress=True)
-    except Exception as exc:
-        if _is_fxcache_error(exc):
-            raise CliError(str(exc)) from exc
-        raise
-    print(report)
-    if args.json:
-        from .artefacts.store import write_text_atomic
-
-        write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2))
-        print(f"wrote {args.json}")
-    return 0
+    return _measure_and_report(args, model, args.schedule, run, backend, measure_speedup)
 
 
 def cmd_plan(args) -> int:

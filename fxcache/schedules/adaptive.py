@@ -224,25 +224,6 @@ def _probe_split(cls: str, probe: int, tail: int, reuse: str, units: list[UnitIn
     return [u.name for u in blocks[:probe]], reused_blocks(cls, reuse, middle, units)
 
 
-def _fbc_split(s: FirstBlockCache, units: list[UnitInfo]) -> tuple[list[str], list[str]]:
-    return _probe_split("FirstBlockCache", s.probe, 0, s.reuse, units)
-
-
-@register_lowering(FirstBlockCache)
-def _lower_fbc(s: FirstBlockCache, units: list[UnitInfo], num_steps: int | None) -> Mask:
-    _needs_num_steps("FirstBlockCache", s, num_steps)
-    return _two_rows(_fbc_split(s, units)[1])
-
-
-@register_policy(FirstBlockCache)
-def _policy_fbc(s: FirstBlockCache, units: list[UnitInfo], num_steps: int | None) -> AdaptivePolicy:
-    probe, _ = _fbc_split(s, units)
-    return AdaptivePolicy(
-        "FirstBlockCache", "rel_l1", ("residual", tuple(probe)), s.threshold, s.first_steps, s.last_steps,
-        s.max_reuse, num_steps,
-    )
-
-
 # -------------------------------------------------------------------------- DBCache
 @_serialisable
 @dataclass(frozen=True)
@@ -275,23 +256,30 @@ class DBCache(_Config):
         object.__setattr__(self, "Bn", _check_int("DBCache", "Bn", self.Bn, 0))
 
 
-def _dbc_split(s: DBCache, units: list[UnitInfo]) -> tuple[list[str], list[str]]:
-    return _probe_split("DBCache", s.Fn, s.Bn, "span", units)
+def _probe_rule(s) -> tuple[str, int, int, str]:
+    """FirstBlockCache and DBCache are one rule: (name, probe blocks, trailing blocks, reuse form)."""
+    if isinstance(s, DBCache):
+        return "DBCache", s.Fn, s.Bn, "span"
+    return "FirstBlockCache", s.probe, 0, s.reuse
 
 
-@register_lowering(DBCache)
-def _lower_dbc(s: DBCache, units: list[UnitInfo], num_steps: int | None) -> Mask:
-    _needs_num_steps("DBCache", s, num_steps)
-    return _two_rows(_dbc_split(s, units)[1])
+def _lower_probe_rule(s, units: list[UnitInfo], num_steps: int | None) -> Mask:
+    name, probe, tail, reuse = _probe_rule(s)
+    _needs_num_steps(name, s, num_steps)
+    return _two_rows(_probe_split(name, probe, tail, reuse, units)[1])
 
 
-@register_policy(DBCache)
-def _policy_dbc(s: DBCache, units: list[UnitInfo], num_steps: int | None) -> AdaptivePolicy:
-    probe, _ = _dbc_split(s, units)
+def _policy_probe_rule(s, units: list[UnitInfo], num_steps: int | None) -> AdaptivePolicy:
+    name, probe, tail, reuse = _probe_rule(s)
+    blocks, _ = _probe_split(name, probe, tail, reuse, units)
     return AdaptivePolicy(
-        "DBCache", "rel_l1", ("residual", tuple(probe)), s.threshold, s.first_steps, s.last_steps, s.max_reuse,
-        num_steps,
+        name, "rel_l1", ("residual", tuple(blocks)), s.threshold, s.first_steps, s.last_steps, s.max_reuse, num_steps,
     )
+
+
+for _cls in (FirstBlockCache, DBCache):
+    register_lowering(_cls)(_lower_probe_rule)
+    register_policy(_cls)(_policy_probe_rule)
 
 
 # ---------------------------------------------------------------- AdaptiveDeepCache
