@@ -41,8 +41,8 @@ def _run(cm, T):
 def test_first_call_says_what_it_captures_plans_and_compiles(lines):
     T = tiny("dit")
     _run(fxcache.compile(T.model, fxcache.FORA(2), backend="eager"), T)
-    assert any("captured and planned" in m and "FORA(interval=2)" in m and "FLOP-ideal" in m and "per cache state" in m
-               for m in lines), lines
+    assert any("captured and planned" in m and "FORA(interval=2)" in m and "FLOP-ideal" in m and "over one period" in m
+               and "per cache state" in m for m in lines), lines
     compiled = [m for m in lines if "compiled and run in" in m]
     assert len(compiled) == 2, lines  # one line per step graph, once
     n = len(lines)

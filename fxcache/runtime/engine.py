@@ -304,7 +304,8 @@ class Engine:
                            if isinstance(x, torch.Tensor) and x.ndim >= 2)
         say(verbose, f"{name} for inputs {shapes}: captured and planned in {fmt_seconds(time.perf_counter() - t0)}; "
                      f"{short(self.schedule)} caches {len(plan.units)} unit(s), {len(plan.step_kinds)} kind(s) of step, "
-                     f"FLOP-ideal {plan.ideal_speedup:.2f}x, cache {_fmt_bytes(plan.cache_bytes)} per cache state"
+                     f"FLOP-ideal {plan.ideal_speedup:.2f}x over {'one period' if plan.periodic else 'the generation'}, "
+                     f"cache {_fmt_bytes(plan.cache_bytes)} per cache state"
                      + (f"; {len(entry.programs)} step graph(s) compile with {self.options.backend} at their first "
                         f"run" if self.options.backend is not None else ""))
         return entry
