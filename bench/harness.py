@@ -129,19 +129,28 @@ def speed_cached(model_or_cm, schedule, name: str, steps: int, cfg: Config) -> d
     }
 
 
-def speed_fewer(model, name: str, steps: int, fewer: int, cfg: Config) -> dict:
-    """Plain DDIM with ``fewer`` steps against ``steps`` steps: interleaved whole
-    generations in this process, median of per-pair time ratios."""
-    fa = lambda: gen(model, name, steps, cfg.speed_samples, cfg.seed)  # noqa: E731
-    fb = lambda: gen(model, name, fewer, cfg.speed_samples, cfg.seed)  # noqa: E731
+def interleaved_ratios(fa: Callable[[], Any], fb: Callable[[], Any], cfg: Config,
+                       warmup: bool = False) -> tuple[list[float], list[float], list[float]]:
+    """``fa`` and ``fb`` (whole generations) timed in ``cfg.repeats`` interleaved pairs under
+    ``cfg.threads`` threads, without autograd, after one call of each if ``warmup``: the
+    per-pair time ratios a/b, and the times of a and of b."""
     prev = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         with torch.no_grad():
+            if warmup:
+                fa(), fb()
             ta, tb = interleaved_times([fa, fb], cfg.repeats)
     finally:
         torch.set_num_threads(prev)
-    ratios = [a / b for a, b in zip(ta, tb)]
+    return [a / b for a, b in zip(ta, tb)], ta, tb
+
+
+def speed_fewer(model, name: str, steps: int, fewer: int, cfg: Config) -> dict:
+    """Plain DDIM with ``fewer`` steps against ``steps`` steps: interleaved whole
+    generations in this process, median of per-pair time ratios."""
+    ratios, ta, tb = interleaved_ratios(lambda: gen(model, name, steps, cfg.speed_samples, cfg.seed),
+                                        lambda: gen(model, name, fewer, cfg.speed_samples, cfg.seed), cfg)
     m = statistics.median(ratios)
     log(f"  speed: ideal {steps / fewer:.2f}x, measured {m:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
     return {

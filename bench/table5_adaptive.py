@@ -24,12 +24,12 @@ import torch._dynamo
 
 import fxcache
 from fxcache.evaluation.metrics import sqnr
-from fxcache.evaluation.speed import interleaved_times
 from fxcache.models import load
 from fxcache.runtime import CachedModel
 
-from harness import (PROFILE_SEEDS, RESULTS, ROOT, Config, Table, _f, _finish, _num, efficiency_line, gen, log, main,
-                     md_header, md_spread, md_table, meta, quality, reference, row, save_figure, speed_cached, timed)
+from harness import (PROFILE_SEEDS, RESULTS, ROOT, Config, Table, _f, _finish, _num, efficiency_line, gen,
+                     interleaved_ratios, log, main, md_header, md_spread, md_table, meta, quality, reference, row,
+                     save_figure, speed_cached, timed)
 
 #: Table 5's configurations on the digit DiT (DDIM 20 steps). Thresholds chosen so each
 #: policy spans about 1.3x to 3x FLOP-ideal at 20 steps (a 16-sample sweep).
@@ -135,17 +135,9 @@ def speed_peer(model, cached, name: str, steps: int, cfg: Config) -> dict:
     process (one warm-up each), median of per-pair time ratios (as speed_fewer)."""
     peers = _peers()
 
-    fa = lambda: gen(model, name, steps, cfg.speed_samples, cfg.seed)  # noqa: E731
-    fb = lambda: peers.generate(cached, name, steps, cfg.speed_samples, cfg.seed)  # noqa: E731
-    prev = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with torch.no_grad():
-            fa(), fb()
-            ta, tb = interleaved_times([fa, fb], cfg.repeats)
-    finally:
-        torch.set_num_threads(prev)
-    ratios = [a / b for a, b in zip(ta, tb)]
+    ratios, ta, tb = interleaved_ratios(lambda: gen(model, name, steps, cfg.speed_samples, cfg.seed),
+                                        lambda: peers.generate(cached, name, steps, cfg.speed_samples, cfg.seed),
+                                        cfg, warmup=True)
     m = statistics.median(ratios)
     log(f"  speed: measured {m:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
     return {"ideal": None, "predicted": None, "measured": m, "measured_min": min(ratios),
@@ -418,15 +410,8 @@ def _t5_flux(cfg: Config, steps: int, phases: dict) -> dict:
 
     def measure(label, family, method, m):
         out = _flux_sample(m, steps, batch, cfg.seed)
-        fa = lambda: _flux_sample(model, steps, batch, cfg.seed)  # noqa: E731
-        fb = lambda: _flux_sample(m, steps, batch, cfg.seed)  # noqa: E731
-        prev = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
-        try:
-            ta, tb = interleaved_times([fa, fb], cfg.repeats)
-        finally:
-            torch.set_num_threads(prev)
-        ratios = [a / b for a, b in zip(ta, tb)]
+        ratios, _, _ = interleaved_ratios(lambda: _flux_sample(model, steps, batch, cfg.seed),
+                                          lambda: _flux_sample(m, steps, batch, cfg.seed), cfg)
         r = {"setting": label, "family": family, "method": method, "sqnr_db": sqnr(ref, out),
              "measured": statistics.median(ratios), "measured_min": min(ratios), "measured_max": max(ratios),
              "steps_text": _steps_text(m, steps) if isinstance(m, CachedModel) else None}
