@@ -6,7 +6,7 @@ prints, for each peer configuration, SQNR against the uncached run, the measured
 speed-up (eager, one thread, interleaved with the uncached run) and, under
 ``torch.compile`` (``--backend``, default ``aot_eager``), the graph breaks and the
 number of frames dynamo compiled for one generation after a warm-up generation
-(recompiles). Used by ``bench/tables.py --table 5``.
+(recompiles). Used by ``bench/table5_adaptive.py`` (``python bench/tables.py --table 5``).
 
 Peers (diffusers' hooks, applied to the model with ``diffusers.hooks.apply_*``;
 DiTTransformer2DModel is not a ``CacheMixin``, so the hooks are applied directly and

@@ -33,11 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tables as T  # noqa: E402  (bench/tables.py: the table machinery, shared)
+import harness as H  # noqa: E402  (bench/harness.py: the table machinery, shared)
+import table5_adaptive as T5  # noqa: E402  (bench/table5_adaptive.py: table 5's rows)
 
 import fxcache  # noqa: E402
 
-OUT = T.RESULTS / "table5_spans.json"
+OUT = H.RESULTS / "table5_spans.json"
 FBC = (0.08, 0.15)
 TEACACHE = (0.1,)
 MAGCACHE = (0.03,)
@@ -86,19 +87,19 @@ def fx_bytes(cm) -> tuple[int, int]:
     return cm.plan.cache_bytes, held
 
 
-def dit_rows(cfg: T.Config, steps: int, phases: dict) -> dict:
-    peers = T._peers()
+def dit_rows(cfg: H.Config, steps: int, phases: dict) -> dict:
+    peers = T5._peers()
     name = "dit"
-    model = T.load(name)
-    ref, ref_row, _ = T._t5_reference(model, name, steps, cfg)
-    run = lambda m, s: T.gen(m, name, steps, cfg.profile_samples, s)  # noqa: E731
+    model = T5.load(name)
+    ref, ref_row, _ = T5._t5_reference(model, name, steps, cfg)
+    run = lambda m, s: H.gen(m, name, steps, cfg.profile_samples, s)  # noqa: E731
     t0 = time.perf_counter()
-    coefficients = fxcache.fit_teacache(fxcache.calibrate.fit.profile_teacache(model, run, seeds=T.PROFILE_SEEDS))
-    ratios = fxcache.fit_magcache(fxcache.calibrate.fit.profile_magnitudes(model, run, seeds=T.PROFILE_SEEDS))
+    coefficients = fxcache.fit_teacache(fxcache.calibrate.fit.profile_teacache(model, run, seeds=H.PROFILE_SEEDS))
+    ratios = fxcache.fit_magcache(fxcache.calibrate.fit.profile_magnitudes(model, run, seeds=H.PROFILE_SEEDS))
     with torch.no_grad():
-        peer_ratios = peers.mag_ratios(name, steps, cfg.mag_samples, seed=T.PROFILE_SEEDS[0])
+        peer_ratios = peers.mag_ratios(name, steps, cfg.mag_samples, seed=H.PROFILE_SEEDS[0])
     phases["calibration"] = time.perf_counter() - t0
-    K, first = T.T5_MAG_K, T.T5_MAG_FIRST
+    K, first = T5.T5_MAG_K, T5.T5_MAG_FIRST
     policies = [(f"FirstBlockCache δ={t:g}", "FirstBlockCache", lambda r, t=t: fxcache.FirstBlockCache(t, reuse=r),
                  peers.first_block_cache(t)) for t in FBC]
     policies += [(f"TeaCache δ={t:g}", "TeaCache",
@@ -111,15 +112,15 @@ def dit_rows(cfg: T.Config, steps: int, phases: dict) -> dict:
     for label, family, make, peer in policies:
         for form in FORMS:
             sch = make(form)
-            r = T._fx_row(model, sch, f"{label} ({form})", family, name, steps, cfg, ref, phases, form=form)
-            cm = T._t5_compile(model, sch, steps)
-            T.gen(cm, name, steps, n, cfg.seed)
+            r = T5._fx_row(model, sch, f"{label} ({form})", family, name, steps, cfg, ref, phases, form=form)
+            cm = T5._t5_compile(model, sch, steps)
+            H.gen(cm, name, steps, n, cfg.seed)
             r["plan_cache_bytes"], r["held_bytes"] = fx_bytes(cm)
             r["units"] = list(cm.plan.units)
             rows.append(r)
         if peer is not None:
-            r = T._peer_row(peer, model, name, steps, cfg, ref, phases, form="diffusers hook")
-            cached = peer.build(T.load(name), steps)
+            r = T5._peer_row(peer, model, name, steps, cfg, ref, phases, form="diffusers hook")
+            cached = peer.build(T5.load(name), steps)
             with torch.no_grad():
                 peers.generate(cached, name, steps, n, cfg.seed)
             r["plan_cache_bytes"], r["held_bytes"] = None, peer_bytes(cached)
@@ -130,25 +131,25 @@ def dit_rows(cfg: T.Config, steps: int, phases: dict) -> dict:
                             "diffusers_magcache_ratios": list(peer_ratios)}}
 
 
-def flux_rows(cfg: T.Config, steps: int, phases: dict) -> dict:
-    peers = T._peers()
+def flux_rows(cfg: H.Config, steps: int, phases: dict) -> dict:
+    peers = T5._peers()
     t0 = time.perf_counter()
-    model = T._flux_model()
+    model = T5._flux_model()
     batch = cfg.flux_samples
-    ref = T._flux_sample(model, steps, batch, cfg.seed)
+    ref = T5._flux_sample(model, steps, batch, cfg.seed)
     rows = []
 
     def measure(label, family, form, m, nbytes):
-        out = T._flux_sample(m, steps, batch, cfg.seed)
-        ta, tb = T.interleaved_times([lambda: T._flux_sample(model, steps, batch, cfg.seed),
-                                      lambda: T._flux_sample(m, steps, batch, cfg.seed)], cfg.repeats)
+        out = T5._flux_sample(m, steps, batch, cfg.seed)
+        ta, tb = H.interleaved_times([lambda: T5._flux_sample(model, steps, batch, cfg.seed),
+                                      lambda: T5._flux_sample(m, steps, batch, cfg.seed)], cfg.repeats)
         ratios = sorted(a / b for a, b in zip(ta, tb))
         plan_b, held = nbytes(m)
-        r = {"setting": label, "family": family, "form": form, "sqnr_db": T.sqnr(ref, out),
+        r = {"setting": label, "family": family, "form": form, "sqnr_db": H.sqnr(ref, out),
              "measured": ratios[len(ratios) // 2], "measured_min": ratios[0], "measured_max": ratios[-1],
-             "steps_text": T._steps_text(m, steps) if isinstance(m, T.CachedModel) else None,
+             "steps_text": T5._steps_text(m, steps) if isinstance(m, H.CachedModel) else None,
              "plan_cache_bytes": plan_b, "held_bytes": held}
-        T.log(f"  flux {label}: SQNR {r['sqnr_db']:.2f} dB, measured {r['measured']:.2f}x, held {held} B")
+        H.log(f"  flux {label}: SQNR {r['sqnr_db']:.2f} dB, measured {r['measured']:.2f}x, held {held} B")
         rows.append(r)
 
     for t in FLUX_FBC:
@@ -172,11 +173,11 @@ def render(d: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in d["dit"]["rows"]:
         lines.append("| " + " | ".join([
-            r["setting"], r.get("form", "–"), T._f(r.get("ideal"), "{:.2f}x"),
+            r["setting"], r.get("form", "–"), H._f(r.get("ideal"), "{:.2f}x"),
             "1 (reference)" if r["method"] == "uncached" else
             f"{r['measured']:.2f}x ({r['measured_min']:.2f}-{r['measured_max']:.2f})",
-            T._f(r["sqnr_db"], "{:.1f}"), T._f(r["psnr_db"], "{:.1f}"), T._f(r["fid"], "{:.1f}"),
-            T._f(r.get("class_acc"), "{:.3f}"), _mib(r.get("plan_cache_bytes")), _mib(r.get("held_bytes")),
+            H._f(r["sqnr_db"], "{:.1f}"), H._f(r["psnr_db"], "{:.1f}"), H._f(r["fid"], "{:.1f}"),
+            H._f(r.get("class_acc"), "{:.3f}"), _mib(r.get("plan_cache_bytes")), _mib(r.get("held_bytes")),
             f"`{r['steps_quality']}`" if r.get("steps_quality") else "–"]) + " |")
     fh = ["setting", "form", "measured (range)", "SQNR dB ↑", "plan.cache_bytes", "held after a generation",
           "steps computed"]
@@ -184,10 +185,10 @@ def render(d: dict) -> str:
     for r in d["flux"]["rows"]:
         flines.append("| " + " | ".join([
             r["setting"], r["form"], f"{r['measured']:.2f}x ({r['measured_min']:.2f}-{r['measured_max']:.2f})",
-            T._f(r["sqnr_db"], "{:.1f}"), _mib(r["plan_cache_bytes"]), _mib(r["held_bytes"]),
+            H._f(r["sqnr_db"], "{:.1f}"), _mib(r["plan_cache_bytes"]), _mib(r["held_bytes"]),
             f"`{r['steps_text']}`" if r.get("steps_text") else "–"]) + " |")
     return "\n\n".join([
-        T.md_header(d),
+        H.md_header(d),
         f"Per policy: fxcache with one residual span over the reused blocks (`reuse=\"span\"`, the default), "
         f"fxcache with FORA's attention/MLP sublayers of those blocks (`reuse=\"sublayers\"`), and diffusers' own "
         f"hook where it has one. Memory at batch {d['dit']['bytes_batch']} (the speed runs'): `plan.cache_bytes` "
@@ -211,30 +212,30 @@ def main(argv=None) -> int:
     ap.add_argument("--allow-dirty", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    cfg = T.Config(samples=args.samples, steps=args.steps, command="python bench/span_evidence.py " + " ".join(
+    cfg = H.Config(samples=args.samples, steps=args.steps, command="python bench/span_evidence.py " + " ".join(
         argv if argv is not None else sys.argv[1:]))
     if args.quick:
         cfg = dataclasses.replace(cfg, samples=8, steps=4, speed_samples=2, repeats=1, profile_samples=2,
                                   mag_samples=2, flux_samples=1, quick=True)
-    out = args.out or (Path(T.tempfile.mkdtemp()) / OUT.name if args.quick else OUT)
+    out = args.out or (Path(H.tempfile.mkdtemp()) / OUT.name if args.quick else OUT)
     try:
-        source = T.source_stamp(T.ROOT, allow_dirty=args.allow_dirty or args.quick)
-    except T.ProvenanceError as exc:
+        source = H.source_stamp(H.ROOT, allow_dirty=args.allow_dirty or args.quick)
+    except H.ProvenanceError as exc:
         ap.error(str(exc))
     cfg = dataclasses.replace(cfg, out=out, source=source)
     torch.set_num_threads(cfg.threads)
     steps = cfg.steps_for(5)
     t0 = time.perf_counter()
     phases = {"quality": 0.0, "speed": 0.0}
-    d = T.meta(5, f"Residual spans vs sublayers vs diffusers' hooks, same policy, DDIM {steps} steps", cfg, steps)
+    d = H.meta(5, f"Residual spans vs sublayers vs diffusers' hooks, same policy, DDIM {steps} steps", cfg, steps)
     d["phases_s"] = phases
     d["dit"] = dit_rows(cfg, steps, phases)
     d["flux"] = flux_rows(cfg, steps, phases)
     d["wall_s"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(T._clean(d), indent=1))
+    out.write_text(json.dumps(H._clean(d), indent=1))
     out.with_suffix(".md").write_text(render(d) + "\n")
-    T.log(f"wrote {out} and {out.with_suffix('.md')} in {d['wall_s']:.0f} s")
+    H.log(f"wrote {out} and {out.with_suffix('.md')} in {d['wall_s']:.0f} s")
     return 0
 
 
