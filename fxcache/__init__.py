@@ -20,6 +20,7 @@ from .calibrate.fit import fit_magcache, fit_teacache
 from .calibrate.mask_learning import MaskLearningResult, learn_mask, learn_mask_details
 from .artefacts import Profile
 from .calibrate.profiler import profile
+from .calibrate.search import SearchResult, search
 from .calibrate.scale_shift import evaluate_scale_shift, train_scale_shift
 from .rewrite.adapters import ScaleShift
 
@@ -53,6 +54,8 @@ __all__ = [
     "Profile",
     "learn_mask",
     "learn_mask_details",
+    "search",
+    "SearchResult",
     "MaskLearningResult",
     "ScaleShift",
     "train_scale_shift",

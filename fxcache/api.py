@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from .analyze.units import UnitSet, find_units
+from .calibrate.search import SearchResult
 from .capture import capture
 from .errors import OptionError, OptionTypeError, UnitError
 from .schedules import check_schedule
@@ -96,6 +97,7 @@ def compile(
         raise OptionTypeError(f"fxcache.compile expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, CachedModel):
         raise OptionTypeError("this model is already a CachedModel; compile the original model instead")
+    schedule, forecast = _searched(schedule, forecast, [model])
     check_schedule(schedule)
     opts = _options(
         backend=backend, mode=mode, num_steps=num_steps, max_shapes=max_shapes, fuse=fuse, options=options,
@@ -212,11 +214,25 @@ def plan_for(model: torch.nn.Module, schedule: Schedule, *example_args, num_step
     ``denoiser=`` names the component when it is not ``unet``/``transformer``."""
     if _is_pipeline(model):
         return _plan_for_pipeline(model, schedule, example_args, num_steps, example_kwargs)
-    options = CompileOptions(num_steps=num_steps, backend=None)
+    schedule, forecast = _searched(schedule, 0, [model])
+    options = CompileOptions(num_steps=num_steps, backend=None, forecast=forecast)
     engine = engine_of(model)  # a model cached in place is planned as written
     with engine._as_written() if engine is not None else contextlib.nullcontext():
         prepared = prepare(model, schedule, options, example_args, example_kwargs)
     return build_entry(prepared, options, 0).plan
+
+
+def _searched(schedule, forecast: int, models) -> tuple:
+    """A :class:`~fxcache.calibrate.search.SearchResult` given as the schedule: its table
+    and its forecast order, after checking it was searched on this kind of model."""
+    if not isinstance(schedule, SearchResult):
+        return schedule, forecast
+    for m in models:
+        schedule.check_model(m)
+    if forecast not in (0, schedule.forecast):
+        raise OptionError(f"forecast = {forecast!r}, but this schedule was searched with forecast order "
+                          f"{schedule.forecast}; leave forecast out (it comes with the schedule)")
+    return schedule.mask, schedule.forecast
 
 
 class _FirstCall(Exception):
@@ -295,6 +311,9 @@ def enable(target: Any, schedule: Schedule, *, denoiser: str | None = None, **op
     ``options`` are ``fxcache.compile``'s. :func:`engine_of` gives the plan and the
     decisions; :func:`disable` detaches. A ``CachedModel`` wrapper given here (or found
     in the pipeline) is replaced by its model."""
+    if isinstance(schedule, SearchResult):
+        models = [getattr(target, n) for n in _denoisers(target, denoiser)] if _is_pipeline(target) else [target]
+        schedule, options["forecast"] = _searched(schedule, options.get("forecast", 0), models)
     check_schedule(schedule)
     opts = _options(**options)
     if _is_pipeline(target):

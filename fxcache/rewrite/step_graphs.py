@@ -457,7 +457,7 @@ class SolvedSteps:
 
 
 def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None, probes=None,
-                forecast: int = 0) -> SolvedSteps:
+                forecast: int = 0, memo: dict | None = None) -> SolvedSteps:
     """Liveness across steps, then one graph per distinct step.
 
     Backwards from the last step: a computed unit writes its cache only if the value
@@ -470,6 +470,10 @@ def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None
 
     ``forecast`` > 0: a forecast reads the values of several computed steps, so a
     computed unit writes whenever any later step reads it.
+
+    ``memo``: step graphs already built on this ``gm`` with these units and adapters,
+    kept across plans by a schedule search (:mod:`fxcache.calibrate.search`), which
+    runs them unfused: fusion rewrites a step graph in place.
     """
     by_unit = {u.name: u for u in units}
     plan_units = [by_unit[n] for n in plan.units]
@@ -485,7 +489,10 @@ def solve_steps(gm: fx.GraphModule, units: list[Unit], plan: Plan, adapters=None
         probed = None if probes is None else frozenset(probes.get(t % n_steps, ()))
         key = (reused, writes, probed)
         if key not in cache:
-            cache[key] = build_step_graph(gm, plan_units, reused, writes, adapters, probed, forecast)
+            shared = None if memo is None else memo.get((key, forecast))
+            cache[key] = shared or build_step_graph(gm, plan_units, reused, writes, adapters, probed, forecast)
+            if memo is not None:
+                memo[(key, forecast)] = cache[key]
         sg = cache[key]
         per_step[t] = key
         read_units = set(sg.reads)

@@ -96,14 +96,22 @@ def _adapters(model, schedule, options: CompileOptions, captured: Captured, unit
     return adapter, temb_output(captured.gm, adapter.temb_module)
 
 
-def prepare(model: torch.nn.Module, schedule, options: CompileOptions, args: tuple, kwargs: dict) -> Prepared:
-    """Capture, find units, lower the schedule, solve the step graphs, bind the plan."""
-    captured = capture(model, args, kwargs)
+def prepare(model: torch.nn.Module, schedule, options: CompileOptions, args: tuple, kwargs: dict,
+            shared=None) -> Prepared:
+    """Capture, find units, lower the schedule, solve the step graphs, bind the plan.
+
+    ``shared``: a schedule search evaluating hundreds of plans on one model
+    (:mod:`fxcache.calibrate.search`) passes an object whose ``capture(model, args,
+    kwargs)`` returns the same capture each time (nothing below mutates the captured
+    graph: the step graphs are copies) and whose ``graphs`` dict keeps the step graphs
+    built so far (``solve_steps(memo=)``)."""
+    captured = capture(model, args, kwargs) if shared is None else shared.capture(model, args, kwargs)
     units = find_units(captured.gm)
     plan = lower_to_plan(schedule, units, options.num_steps, type(model).__name__)
     adapters = _adapters(model, schedule, options, captured, units, plan)
     plan_units = [u for u in units if u.name in set(plan.units)]
-    solved = solve_steps(captured.gm, plan_units, plan, adapters, forecast=options.forecast)
+    solved = solve_steps(captured.gm, plan_units, plan, adapters, forecast=options.forecast,
+                         memo=None if shared is None else shared.graphs)
     plan = plan.bind(solved.kind_of_step, solved.step_kinds).with_forecast(options.forecast)
     return Prepared(captured, units, plan, plan_units, solved, adapters, type(model).__name__)
 

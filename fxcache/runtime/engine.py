@@ -97,6 +97,7 @@ class Engine:
         self._warned_restarts = False
         self._warned_prefix = False
         self.scale_shift_adapters = None
+        self._shared = None  # fxcache.calibrate.search: one capture and its step graphs for all candidates
 
     _KEEP = ("model", "schedule", "options", "fallback", "enabled")
 
@@ -279,14 +280,14 @@ class Engine:
         try:
             with self._as_written(), self._lora.lifted(self.model):
                 try:
-                    prepared = prepare(self.model, self.schedule, options, args, kwargs)
+                    prepared = prepare(self.model, self.schedule, options, args, kwargs, self._shared)
                 except ScheduleError:
                     if options.num_steps is not None or hint is None:
                         raise
                     # a schedule that needs the number of steps (a non-uniform DeepCache, last_steps):
                     # the caller said how long this generation is
                     options = dataclasses.replace(options, num_steps=hint)
-                    prepared = prepare(self.model, self.schedule, options, args, kwargs)
+                    prepared = prepare(self.model, self.schedule, options, args, kwargs, self._shared)
         finally:
             local.busy = busy
         self.captures += 1

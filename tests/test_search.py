@@ -1,0 +1,174 @@
+"""fxcache.search: static schedules searched within a FLOP budget (issue 19)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fxcache
+from fxcache.calibrate.search import SearchResult, _Problem, _sqnr
+from fxcache.errors import ArtefactMismatchError, CheckpointError, OptionError
+from fxcache.models import generate
+from fxcache.testing import tiny
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return tiny("dit", seed=3).model
+
+
+def run(m, seed):
+    return generate(m, num_steps=STEPS, num_samples=2, seed=seed, class_labels=[1, 7])
+
+
+def _outputs(model, schedule, seeds=(0,), **options):
+    cached = fxcache.compile(model, schedule, backend=None, verbose=False, **options)
+    with torch.no_grad():
+        return torch.cat([run(cached, s).reshape(-1) for s in seeds])
+
+
+def _reference(model, seeds=(0,)):
+    with torch.no_grad():
+        return torch.cat([run(model, s).reshape(-1) for s in seeds])
+
+
+def test_search_finds_the_enumerated_optimum_of_a_toy_problem(dit):
+    """Blocks x steps 1..3 of a 3-block DiT: 2^9 tables, all enumerated (466 within the
+    budget); annealing and the genetic search, given far fewer candidates, reach the same
+    best score. Their starting tables do not: the optimum reuses every block at step 2,
+    the profile's greedy table at step 3, three cells apart."""
+    kw = dict(speedup=1.3, seeds=(0,), units="blocks", forecast=(0,), progress=False)
+    best = fxcache.search(dit, run, method="exhaustive", **kw)
+    assert best.evaluations > 400  # the feasible tables were all run
+    greedy = fxcache.search(dit, run, method="greedy", **kw)
+    assert greedy.score < best.score - 1.0
+    for method in ("anneal", "evolve"):
+        found = fxcache.search(dit, run, method=method, iterations=24, **kw)
+        assert found.score == pytest.approx(best.score, abs=1e-9), method
+        assert found.evaluations < best.evaluations
+
+
+def test_budget_is_respected_by_the_compiled_plan(dit):
+    for speedup in (1.5, 2.2):
+        found = fxcache.search(dit, run, speedup=speedup, seeds=(0,), units="fora", forecast=(0,),
+                               method="anneal", iterations=6, progress=False)
+        assert found.planned_flops <= found.budget_flops
+        assert found.ideal_speedup >= speedup
+        args, kwargs = tiny("dit", seed=3).inputs(torch.tensor(999))
+        plan = fxcache.plan_for(dit, found, *args, num_steps=STEPS, **kwargs)  # the runtime's own count
+        assert plan.planned_flops <= found.budget_flops
+        assert plan.ideal_speedup >= speedup
+    frac = fxcache.search(dit, run, flops=0.6, seeds=(0,), units="fora", forecast=(0,), method="greedy",
+                          progress=False)
+    assert frac.planned_flops <= 0.6 * frac.full_flops
+
+
+def test_search_is_deterministic_and_never_reads_before_it_writes(dit):
+    kw = dict(speedup=2.0, seeds=(0,), units="fora", forecast=(0, 1), method="anneal", iterations=8,
+              progress=False, seed=5)
+    a = fxcache.search(dit, run, **kw)
+    b = fxcache.search(dit, run, **kw)
+    assert a.mask == b.mask and a.forecast == b.forecast and a.score == b.score
+    assert all(a.mask.table[0])  # step 0 fills every cache
+    assert set(a.by_order) == {0, 1}
+
+
+def test_the_score_is_the_compiled_models_quality(dit):
+    """The search runs candidates on the runtime's own step graphs: its score is what the
+    compiled model gives, bit for bit."""
+    found = fxcache.search(dit, run, speedup=2.0, seeds=(0, 1), units="fora", forecast=(1,), method="greedy",
+                           progress=False)
+    ref = _reference(dit, (0, 1)).to(torch.float64)
+    out = _outputs(dit, found, (0, 1), fuse=False).to(torch.float64)
+    assert _sqnr(ref, out) == found.score
+    same = _outputs(dit, found.mask, (0, 1), fuse=False, forecast=found.forecast)
+    assert torch.equal(out.to(same.dtype), same)
+
+
+def test_save_load_and_compile_checks(dit, tmp_path):
+    found = fxcache.search(dit, run, speedup=1.8, seeds=(0,), units="fora", forecast=(0,), method="greedy",
+                           progress=False)
+    path = found.save(tmp_path / "found.json") or tmp_path / "found.json"
+    back = SearchResult.load(path)
+    assert back.mask == found.mask and back.forecast == found.forecast and back.score == found.score
+    assert torch.equal(_outputs(dit, back), _outputs(dit, found.mask))
+    other = tiny("pixart").model
+    with pytest.raises(ArtefactMismatchError, match="searched on a DiTTransformer2DModel"):
+        fxcache.compile(other, back)
+    with pytest.raises(OptionError, match="searched with forecast order 0"):
+        fxcache.compile(dit, back, forecast=2)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "fxcache.search", "version": 1}))
+    with pytest.raises(CheckpointError, match="damaged"):
+        SearchResult.load(tmp_path / "bad.json")
+    with pytest.raises(CheckpointError, match="no searched schedule"):
+        SearchResult.load(tmp_path / "missing.json")
+
+
+def test_an_interrupted_search_resumes_from_its_checkpoint(dit, tmp_path):
+    kw = dict(speedup=2.0, seeds=(0,), units="fora", forecast=(0,), method="anneal", iterations=10,
+              progress=False, checkpoint_every=1)
+    whole = fxcache.search(dit, run, **kw)
+    assert whole.evaluations > 5
+    calls = {"n": 0}
+
+    def flaky(m, seed):
+        calls["n"] += 1
+        if calls["n"] > 7:  # count, reference, profile, then four candidates
+            raise KeyboardInterrupt
+        return run(m, seed)
+
+    ckpt = tmp_path / "search.json"
+    with pytest.raises(KeyboardInterrupt):
+        fxcache.search(dit, flaky, checkpoint=ckpt, **kw)
+    done = len(json.loads(ckpt.read_text())["scores"])
+    assert done >= 3
+    resumed = fxcache.search(dit, run, checkpoint=ckpt, **kw)
+    assert resumed.mask == whole.mask and resumed.score == whole.score
+    assert resumed.evaluations == whole.evaluations - done  # the checkpointed ones were not run again
+    again = fxcache.search(dit, run, checkpoint=ckpt, **kw)
+    assert again.evaluations == 0 and again.mask == whole.mask
+    with pytest.raises(CheckpointError, match="another search"):
+        fxcache.search(dit, run, checkpoint=ckpt, **{**kw, "speedup": 1.5})
+
+
+def test_bad_arguments_are_refused_before_any_work(dit):
+    calls = []
+
+    def counted(m, s):
+        calls.append(s)
+        return run(m, s)
+
+    for kwargs, match in (
+        (dict(), "exactly one budget"),
+        (dict(speedup=2.0, flops=0.5), "exactly one budget"),
+        (dict(speedup=0.5), "speedup"),
+        (dict(flops=1.5), "flops"),
+        (dict(speedup=2.0, method="random"), "method"),
+        (dict(speedup=2.0, forecast=(3,)), "forecast"),
+        (dict(speedup=2.0, seeds=()), "seeds"),
+        (dict(speedup=2.0, metric="lpips"), "metric"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fxcache.search(dit, counted, progress=False, **kwargs)
+    assert calls == [] or all(c == 0 for c in calls)
+    with pytest.raises(fxcache.ScheduleError, match="beyond what reusing"):
+        fxcache.search(dit, run, speedup=50.0, units="fora", progress=False)
+    with pytest.raises(fxcache.ScheduleError, match="at most 2\\^16"):
+        fxcache.search(dit, run, speedup=1.5, units="fora", method="exhaustive", progress=False)
+
+
+def test_cost_is_the_plans_estimate():
+    from fxcache.plan import UnitInfo
+
+    infos = [UnitInfo("a", "attention", flops=30), UnitInfo("b", "mlp", flops=50)]
+    p = _Problem(infos, full_flops=100, num_steps=3, budget=220)
+    t = np.ones((3, 2), bool)
+    assert p.cost(t) == 300
+    t[1] = [False, True]
+    t[2] = [True, False]
+    assert p.cost(t) == 300 - 30 - 50 and p.fits(t)
