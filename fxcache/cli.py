@@ -436,10 +436,11 @@ def _schedule_for(spec: ScheduleSpec, steps: int, lower_on_model: Callable, mode
 
     taylorseer: TaylorSeer's steps (diffusers' rule, as ``taylorseer_schedule`` in
     bench/table5_adaptive.py runs it: steps ``0..warmup-1``, then every step with
-    ``(s - warmup - 1) % N == 0``) as a Mask over the units FORA(N) caches on this model. magcache: MagCache's lowering tried first (a model
-    without transformer blocks is refused before any generation), then its magnitude
-    ratios calibrated with ``run(m, seed)`` on one generation (seed 1; bench measures on
-    seed 0), the first 20% of the steps computed."""
+    ``(s - warmup - 1) % N == 0``) as a Mask over the units FORA(N) caches on this model.
+    magcache: MagCache's lowering tried first (a model without transformer blocks is
+    refused before any generation), then its magnitude ratios calibrated with
+    ``run(m, seed)`` on one generation (seed 1; bench measures on seed 0), the first 20%
+    of the steps computed."""
     from .schedules import Mask
 
     if spec.warmup:

@@ -26,7 +26,8 @@ import logging
 import sys
 import weakref
 
-__all__ = ["logger", "set_verbosity", "say", "fmt_seconds", "short", "compile_started", "compile_finished", "compile_dropped"]
+__all__ = ["logger", "set_verbosity", "say", "fmt_seconds", "short", "compile_started", "compile_finished",
+           "compile_dropped"]
 
 
 class _Handler(logging.StreamHandler):
