@@ -4,9 +4,11 @@
                      DeepCache; print the plan, the fidelity (SQNR/PSNR) and the three
                      speed figures; write a side-by-side PNG.
 ``fxcache profile``  record how much each unit's output changes from step to step
-                     (the input of ``fxcache.BlockCache``) and save it.
-``fxcache bench``    print a :class:`fxcache.evaluation.speed.SpeedReport` for a model and
-                     schedule.
+                     (the input of ``fxcache.BlockCache``) and save it: of an embedded model
+                     (``--model``) or of the denoiser of a saved diffusers pipeline, inside
+                     the pipeline's own loop (``--pipeline DIR``).
+``fxcache bench``    print a :class:`fxcache.evaluation.speed.SpeedReport` for a model
+                     (``--model`` or ``--pipeline DIR``) and schedule.
 ``fxcache plan``     print the plan of a schedule on a published denoiser config
                      (``fxcache.configs``: SD 1.5, SDXL, SD3.5 Medium, FLUX.1-dev, Wan 2.1
                      14B, CogVideoX-5B) on the meta device, without weights: units, the
@@ -20,25 +22,39 @@ removed there; /proc and /sys refused), an existing target must be a regular fil
 the extension must be one the command can write; otherwise the command prints one line
 and exits with status 2. ``demo`` checks ``--branch`` against the model and ``bench``
 checks ``--mode`` before any generation.
+
+A ``--schedule`` is parsed into a :class:`ScheduleSpec`: the schedule config
+(:func:`parse_schedule`'s answer) and what the command does with it beyond the config.
+``taylorseer:N[:ORDER]`` is TaylorSeer's schedule on FORA's units (the first ORDER + 1
+steps computed as its warm-up, then every N-th) with cache reads forecast with order
+ORDER (``fxcache.compile(..., forecast=ORDER)``; an explicit ``--forecast`` that says
+otherwise is refused). ``magcache:THRESHOLD[:MAX_REUSE]`` is MagCache with its published
+limits (at most MAX_REUSE = 3 reused steps in a row, the first 20% of the steps
+computed); its magnitude ratios are calibrated in this process, on one generation with
+seed 1, before anything is measured (seed 0). ``fxcache plan`` has no weights to
+calibrate with and refuses ``magcache:``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from .dropin import DropIn
 
-__all__ = ["main", "build_parser", "parse_schedule"]
+__all__ = ["main", "build_parser", "parse_schedule", "parse_spec", "ScheduleSpec"]
 
 MODELS = ("unet", "dit")
 BACKENDS = ("none", "inductor", "aot_eager")
 _SCHEDULE_HELP = ("deepcache:INTERVAL[:BRANCH] or adaptive-deepcache:THRESHOLD[:BRANCH] (U-Net), fora:INTERVAL, "
-                  "fbc:THRESHOLD or teacache:THRESHOLD (DiT), e.g. deepcache:3:0, fora:2, fbc:0.15")
+                  "fbc:THRESHOLD, teacache:THRESHOLD, magcache:THRESHOLD[:MAX_REUSE] (ratios calibrated first, "
+                  "on seed 1) or taylorseer:INTERVAL[:ORDER] (forecast order 1 or 2) (DiT), e.g. deepcache:3:0, "
+                  "fora:2, fbc:0.15, magcache:0.1, taylorseer:3:1")
 _DEFAULT_SCHEDULE = {"unet": "deepcache:3:0", "dit": "fora:2"}
 
 
@@ -57,14 +73,53 @@ _SCHEDULE_PARAMS = {
         "AdaptiveDeepCache",
         (("threshold", False, "a finite number >= 0", None), ("branch", True, "a whole number >= 0", 0)),
     ),
+    # MagCache's published limit K = 3 (diffusers' max_skip_steps); its ratios are calibrated on the model
+    "magcache": ("MagCache", (("threshold", False, "a finite number >= 0", None),
+                              ("max_reuse", True, "a whole number >= 0", 3))),
+    "taylorseer": ("FORA", (("interval", True, "a whole number >= 1", None), ("order", True, "1 or 2", 1))),
 }
+#: parameters that are not the config's, with their allowed values: the CLI applies them (ScheduleSpec)
+_SPEC_PARAMS = {"order": (1, 2)}
+#: MagCache's retention ratio (its paper and diffusers' default): the first 20% of the steps compute
+_MAGCACHE_RETENTION = 0.2
+#: MagCache's ratios are calibrated on this seed; bench measures on seed 0
+_CALIBRATION_SEED = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    """A ``--schedule`` as written: ``schedule`` is the config (what :func:`parse_schedule`
+    returns), the rest is what the command does with it beyond the config.
+
+    forecast:  the forecast order the kind itself sets (``taylorseer:N:ORDER``), or None
+               where ``--forecast`` decides.
+    warmup:    steps computed before the interval starts (TaylorSeer's warm-up, ORDER + 1;
+               0: none). With a warm-up the command runs TaylorSeer's steps as a Mask over
+               the units ``schedule`` (FORA) caches on the model.
+    calibrate: the config still needs MagCache's magnitude ratios, calibrated on the model
+               before anything is measured.
+    """
+
+    text: str
+    kind: str
+    schedule: Any
+    forecast: int | None = None
+    warmup: int = 0
+    calibrate: bool = False
 
 
 def parse_schedule(text: str):
-    """``deepcache:3``, ``deepcache:3:0``, ``fora:2``, ``fbc:0.15``, ``teacache:0.2`` or
-    ``adaptive-deepcache:0.05:1`` → a schedule config. A NaN or infinite value, a
+    """``deepcache:3``, ``deepcache:3:0``, ``fora:2``, ``fbc:0.15``, ``teacache:0.2``,
+    ``adaptive-deepcache:0.05:1``, ``magcache:0.1[:3]`` or ``taylorseer:3[:1]`` → a schedule
+    config (``magcache:`` without its ratios yet; ``taylorseer:N`` is ``FORA(N)``, its
+    order and warm-up are in :func:`parse_spec`'s answer). A NaN or infinite value, a
     fraction where a whole number is needed, or a value the config refuses (a negative
     threshold, interval or branch) is an ``ArgumentTypeError`` naming the parameter."""
+    return parse_spec(text).schedule
+
+
+def parse_spec(text: str) -> ScheduleSpec:
+    """``--schedule``'s type: the :class:`ScheduleSpec` of ``text`` (see :func:`parse_schedule`)."""
     import math
 
     from . import schedules
@@ -88,16 +143,23 @@ def parse_schedule(text: str):
         if whole:
             if value != int(value):
                 raise argparse.ArgumentTypeError(
-                    f"invalid schedule {text!r}: {param} = {token.strip()} is not allowed: intervals and branches are "
-                    f"whole numbers")
+                    f"invalid schedule {text!r}: {param} = {token.strip()} is not allowed: intervals, branches, "
+                    f"orders and reuse limits are whole numbers")
             value = int(value)
+        if param in _SPEC_PARAMS and value not in _SPEC_PARAMS[param]:
+            raise argparse.ArgumentTypeError(
+                f"invalid schedule {text!r}: {param} = {token.strip()} is not allowed; {param} must be {allowed}")
         values[param] = value
     for param, _whole, _allowed, default in params[len(nums):]:
         values[param] = default
+    extra = {p: values.pop(p) for p in list(values) if p in _SPEC_PARAMS}
     try:
-        return getattr(schedules, cls_name)(**values)
+        config = getattr(schedules, cls_name)(**values)
     except schedules.ScheduleError as exc:
         raise argparse.ArgumentTypeError(f"invalid schedule {text!r}: {exc}") from None
+    if name == "taylorseer":
+        return ScheduleSpec(text.strip(), name, config, forecast=extra["order"], warmup=extra["order"] + 1)
+    return ScheduleSpec(text.strip(), name, config, calibrate=name == "magcache")
 
 
 def _positive(text: str) -> int:
@@ -166,8 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="none: eager FX graphs (default, fast to start); inductor: torch.compile (minutes on CPU)")
         p.add_argument("--repeats", type=_positive, default=repeats,
                        help=f"interleaved timing repeats (default {repeats})")
-        p.add_argument("--forecast", type=int, choices=(0, 1, 2), default=0,
-                       help="cache reads: 0 reuse (default), 1 or 2 TaylorSeer forecast of that order")
+        p.add_argument("--forecast", type=int, choices=(0, 1, 2), default=None,
+                       help="cache reads: 0 reuse (default), 1 or 2 TaylorSeer forecast of that order "
+                       "(taylorseer:N:ORDER sets it)")
+
+    def pipeline_or_model(p, done):
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument("--model", choices=MODELS, help="embedded trained model")
+        which.add_argument("--pipeline", default=None, metavar="DIR",
+                           help="a diffusers pipeline saved in a local folder (save_pretrained): its denoiser is "
+                                f"{done} inside the pipeline's own loop")
+        p.add_argument("--prompt", default="a photo of a cat", help="with --pipeline: the prompt, if it takes one")
 
     demo = sub.add_parser("demo", help="generate digits with the trained U-Net, uncached vs DeepCache",
                           description="Generate digits with the embedded trained U-Net, uncached and with DeepCache; "
@@ -186,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help="record the step-to-step change of every unit (input of BlockCache)",
                           description="Run generations through a recorder and save, per unit and step, the relative "
                           "L1 change of its output (block caching, Eq. 6).")
-    prof.add_argument("--model", choices=MODELS, required=True, help="embedded trained model")
+    pipeline_or_model(prof, "profiled")
     common(prof)
     prof.add_argument("--samples", type=_positive, default=8, help="samples per generation (default 8)")
     prof.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
@@ -200,13 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Measure, in this process: the FLOP-ideal speed-up, the speed-up predicted "
                            "from timing each step kind in isolation, the measured end-to-end speed-up, "
                            "and their ratio (runtime efficiency).")
-    which = bench.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", choices=MODELS, help="embedded trained model")
-    which.add_argument("--pipeline", default=None, metavar="DIR",
-                       help="a diffusers pipeline saved in a local folder (save_pretrained): its denoiser is "
-                            "measured inside the pipeline's own loop")
-    bench.add_argument("--prompt", default="a photo of a cat", help="with --pipeline: the prompt, if it takes one")
-    bench.add_argument("--schedule", type=parse_schedule, default=None,
+    pipeline_or_model(bench, "measured")
+    bench.add_argument("--schedule", type=parse_spec, default=None,
                        help=f"{_SCHEDULE_HELP} (default: deepcache:3:0 for unet, fora:2 for dit)")
     common(bench)
     bench.add_argument("--samples", type=_positive, default=16, help="batch size (default 16)")
@@ -228,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--frames", type=_positive, default=None, help="video frames, 4k + 1 (video models)")
     plan.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: usual ones)")
     plan.add_argument("--batch", type=_positive, default=1, help="the model's batch per call (default 1)")
-    plan.add_argument("--schedule", type=parse_schedule, default=None, help=f"{_SCHEDULE_HELP} (default fora:3)")
+    plan.add_argument("--schedule", type=parse_spec, default=None,
+                      help=f"{_SCHEDULE_HELP} (default fora:3; magcache: needs weights: use bench)")
     plan.add_argument("--contexts", type=_positive, default=None,
                       help="cache contexts per generation, each one cache state (default: 2 for pipelines with "
                       "classifier-free guidance, 1 for FLUX.1-dev)")
@@ -334,10 +401,10 @@ def _check_output(path: str, option: str, extensions: Sequence[str] | None = Non
         raise CliError(f"{option} {path}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
 
 
-def _check_schedule_fits(model, schedule, steps: int, labels=None) -> None:
+def _check_schedule_fits(model, schedule, steps: int, labels=None):
     """Lower ``schedule`` on the units of ``model`` (one capture of a one-sample call),
     so that a schedule the model cannot follow (a DeepCache branch it does not have) is
-    refused before any generation runs, not after the uncached one."""
+    refused before any generation runs, not after the uncached one. Returns its Mask."""
     import torch
 
     from .api import units as find_units
@@ -348,7 +415,59 @@ def _check_schedule_fits(model, schedule, steps: int, labels=None) -> None:
     kwargs = {} if labels is None else {"class_labels": labels[:1]}
     with torch.no_grad():
         unitset = find_units(model, x, torch.zeros(1, dtype=torch.long), **kwargs)
-    lower(schedule, unitset.infos(), steps, model=ModelFacts.of(unitset, type(model).__name__))
+    return lower(schedule, unitset.infos(), steps, model=ModelFacts.of(unitset, type(model).__name__))
+
+
+def _forecast_order(spec: ScheduleSpec | None, given: int | None) -> int:
+    """The forecast order of a run: the one ``taylorseer:N:ORDER`` sets, else ``--forecast``
+    (default 0); a ``--forecast`` that says otherwise than the schedule is a CliError."""
+    if spec is None or spec.forecast is None:
+        return given or 0
+    if given is not None and given != spec.forecast:
+        raise CliError(f"--schedule {spec.text} forecasts with order {spec.forecast} and --forecast {given} says "
+                       f"otherwise; leave out --forecast (TaylorSeer's order is the schedule's last number: "
+                       f"taylorseer:INTERVAL:ORDER)")
+    return spec.forecast
+
+
+def _schedule_for(spec: ScheduleSpec, steps: int, lower_on_model: Callable, model=None, run=None):
+    """The schedule ``spec`` runs on one model. ``lower_on_model(schedule)`` lowers or plans
+    a schedule on that model (anything with ``.units``), raising what it refuses.
+
+    taylorseer: TaylorSeer's steps (diffusers' rule, as ``taylorseer_schedule`` in
+    bench/table5_adaptive.py runs it: steps ``0..warmup-1``, then every step with
+    ``(s - warmup - 1) % N == 0``) as a Mask over the units FORA(N) caches on this model.
+    magcache: MagCache's lowering tried first (a model without transformer blocks is
+    refused before any generation), then its magnitude ratios calibrated with
+    ``run(m, seed)`` on one generation (seed 1; bench measures on seed 0), the first 20%
+    of the steps computed."""
+    from .schedules import Mask
+
+    if spec.warmup:
+        n, w = spec.schedule.interval, spec.warmup
+        names = lower_on_model(spec.schedule).units
+        computed = [s < w or (s - w - 1) % n == 0 for s in range(steps)]
+        nth = {1: "", 2: "2nd ", 3: "3rd "}.get(n, f"{n}th ")
+        print(f"{spec.text}: TaylorSeer's steps on the {len(names)} units FORA({n}) caches: steps 0-{w - 1} computed "
+              f"(warm-up), then every {nth}step ({sum(computed)} of {steps} computed); cache reads forecast with order "
+              f"{spec.forecast}", flush=True)
+        return Mask([(c,) * len(names) for c in computed], names)
+    if spec.calibrate:
+        from .calibrate.fit import fit_magcache, profile_magnitudes
+        from .runtime.voice import fmt_seconds
+
+        lower_on_model(dataclasses.replace(spec.schedule, ratios=(1.0,) * steps))  # the model can follow it
+        print(f"{spec.text}: calibrating MagCache's magnitude ratios on one generation of {steps} steps "
+              f"(seed {_CALIBRATION_SEED}) ...", end="", flush=True)
+        import torch
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ratios = fit_magcache(profile_magnitudes(model, run, seeds=(_CALIBRATION_SEED,)))
+        print(f" calibrated in {fmt_seconds(time.perf_counter() - t0)}", flush=True)
+        first = max(1, int(_MAGCACHE_RETENTION * len(ratios)))
+        return dataclasses.replace(spec.schedule, ratios=ratios, first_steps=first)
+    return spec.schedule
 
 
 def _plot_extensions() -> tuple[str, ...]:
@@ -389,7 +508,7 @@ def cmd_demo(args) -> int:
           f"16x16 digits), DDIM {args.steps} steps, {args.samples} samples, seed {args.seed}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     try:
-        cached = fx_compile(model, schedule, backend=backend, forecast=args.forecast)
+        cached = fx_compile(model, schedule, backend=backend, forecast=args.forecast or 0)
         _check_schedule_fits(model, schedule, args.steps)  # before any generation: --branch 9 fails here
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -444,20 +563,19 @@ def cmd_profile(args) -> int:
     import torch
 
     from .calibrate.profiler import profile
-    from .models import generate
 
-    model = _load(args.model)
-    torch.set_num_threads(args.threads)
-    labels = _labels(args.model, args.samples)
     units = None
     if args.units:
         parts = [u.strip() for u in args.units.split(",") if u.strip()]
         units = parts[0] if len(parts) == 1 else tuple(parts)
-
-    def run(m, seed):
-        return generate(m, num_steps=args.steps, num_samples=args.samples, seed=seed, class_labels=labels)
-
-    print(f"profiling {args.model}: {len(args.seeds)} generations of {args.steps} steps, {args.samples} samples",
+    if args.pipeline is not None:
+        p = _open_pipeline(args)
+        model, run, what = p.model, p.run, p.what
+    else:
+        model, run, _ = _embedded(args)
+        what = args.model
+    torch.set_num_threads(args.threads)
+    print(f"profiling {what}: {len(args.seeds)} generations of {args.steps} steps, {args.samples} samples",
           flush=True)
     try:
         with torch.no_grad():
@@ -474,46 +592,70 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _embedded(args) -> tuple[Any, Callable, Any]:
+    """An embedded model, ``run(m, seed=0)`` (one generation of ``args.steps`` steps and
+    ``args.samples`` samples with ``m`` as the model) and its class labels (digits 0-9 for
+    the DiT, None for the U-Net)."""
+    from .models import generate
+
+    model = _load(args.model)
+    labels = _labels(args.model, args.samples)
+
+    def run(m, seed=0):
+        return generate(m, num_steps=args.steps, num_samples=args.samples, seed=seed, class_labels=labels)
+
+    return model, run, labels
+
+
 def cmd_bench(args) -> int:
     if args.mode is not None and args.backend != "inductor":
         raise CliError(f"--mode {args.mode} is a torch.compile mode of inductor; add --backend inductor "
                        f"(with --backend {args.backend} it would be ignored)")
     if args.json:
         _check_output(args.json, "--json")
+    forecast = _forecast_order(args.schedule, args.forecast)
 
-    from .evaluation.speed import measure_speedup
-    from .models import generate
+    from .api import plan_for
     from .schedules import DeepCache
 
     if args.pipeline is not None:
-        return _bench_pipeline(args, measure_speedup)
-    schedule = args.schedule or parse_schedule(_DEFAULT_SCHEDULE[args.model])
-    if args.model == "dit" and isinstance(schedule, DeepCache):
+        if args.schedule is None:
+            raise CliError("--pipeline needs --schedule (e.g. deepcache:3:0 for a U-Net, fora:2 or fbc:0.1 for a "
+                           "transformer)")
+        p = _open_pipeline(args)
+        print(f"fxcache bench: {p.what}, {args.steps} steps, {args.samples} sample(s)", flush=True)
+        return _measure_and_report(args, p.model, args.schedule, forecast, p.run,
+                                   lambda s: plan_for(p.pipe, s, **p.call))
+    spec = args.schedule or parse_spec(_DEFAULT_SCHEDULE[args.model])
+    if args.model == "dit" and isinstance(spec.schedule, DeepCache):
         raise CliError("DeepCache caches behind a U-Net skip connection and the DiT has none; use --schedule fora:N")
-    backend = _backend(args.backend)
-    model = _load(args.model)
-    _compile_warning(backend)
-    labels = _labels(args.model, args.samples)
-
-    def run(m):
-        return generate(m, num_steps=args.steps, num_samples=args.samples, seed=0, class_labels=labels)
-
-    return _measure_and_report(args, model, schedule, run, backend, measure_speedup)
+    if args.model == "unet" and (spec.warmup or spec.calibrate):
+        raise CliError(f"{spec.kind}: reuses the transformer blocks and the embedded U-Net has none; use --schedule "
+                       f"deepcache:INTERVAL[:BRANCH] or adaptive-deepcache:THRESHOLD[:BRANCH]")
+    model, run, labels = _embedded(args)
+    return _measure_and_report(args, model, spec, forecast, run,
+                               lambda s: _check_schedule_fits(model, s, args.steps, labels))
 
 
-def _measure_and_report(args, model, schedule, run, backend, measure_speedup) -> int:
+def _measure_and_report(args, model, spec: ScheduleSpec, forecast: int, run, lower_on_model) -> int:
     """``fxcache bench``'s measurement and output, for an embedded model or a pipeline's denoiser."""
+    from .evaluation.speed import measure_speedup
+
+    backend = _backend(args.backend)
+    _compile_warning(backend)
     try:
-        if args.forecast:  # a built CachedModel carries the option; measure_speedup uses it as it is
+        schedule = _schedule_for(spec, args.steps, lower_on_model, model, run)
+        if forecast:  # a built CachedModel carries the option; measure_speedup uses it as it is
             from . import compile as fx_compile
 
-            model, schedule = fx_compile(model, schedule, backend=backend, mode=args.mode, forecast=args.forecast), None
+            model, schedule = fx_compile(model, schedule, backend=backend, mode=args.mode, forecast=forecast), None
         report = measure_speedup(model, schedule, run, backend=backend, mode=args.mode, repeats=args.repeats,
                                  threads=args.threads, progress=True)
     except Exception as exc:
         if _is_fxcache_error(exc):
             raise CliError(str(exc)) from exc
         raise
+    report.schedule = f"{spec.text} = {report.schedule}" + (f" + forecast order {forecast}" if forecast else "")
     print(report)
     if args.json:
         from .artefacts.store import write_text_atomic
@@ -548,52 +690,64 @@ def _pipeline_call(pipe, args) -> dict:
     return call
 
 
-def _bench_pipeline(args, measure_speedup) -> int:
-    import os
+class _Pipeline(NamedTuple):
+    """A saved pipeline opened for ``bench`` and ``profile``: ``run(m, seed=0)`` is one
+    generation (``call``, the generator seeded) with ``m`` in place of its denoiser."""
 
-    from .api import _denoisers
+    pipe: Any
+    name: str  # the denoiser's attribute
+    model: Any  # the denoiser
+    call: dict
+    run: Callable
+    what: str  # "DDPMPipeline from DIR, denoiser 'unet' (UNet2DModel)"
 
+
+def _open_pipeline(args) -> _Pipeline:
+    """``--pipeline DIR``: a folder without ``model_index.json`` is a one-line CliError,
+    before anything is loaded."""
     if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
         raise CliError(f"--pipeline {args.pipeline}: not a diffusers pipeline folder (no model_index.json); save "
                        f"one with pipe.save_pretrained(folder)")
-    if args.schedule is None:
-        raise CliError("--pipeline needs --schedule (e.g. deepcache:3:0 for a U-Net, fora:2 or fbc:0.1 for a "
-                       "transformer)")
     from diffusers import DiffusionPipeline
+
+    from .api import _denoisers
 
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     name = _denoisers(pipe, None)[0]
     model = getattr(pipe, name)
-    backend = _backend(args.backend)
-    _compile_warning(backend)
     call = _pipeline_call(pipe, args)
-    print(f"fxcache bench: {type(pipe).__name__} from {args.pipeline}, denoiser '{name}' "
-          f"({type(model).__name__}), {args.steps} steps, {args.samples} sample(s)", flush=True)
 
-    def run(m):
+    def run(m, seed=0):
         setattr(pipe, name, m)
         try:
-            call["generator"].manual_seed(0)
+            call["generator"].manual_seed(seed)
             return pipe(**call)
         finally:
             setattr(pipe, name, model)
 
-    return _measure_and_report(args, model, args.schedule, run, backend, measure_speedup)
+    what = f"{type(pipe).__name__} from {args.pipeline}, denoiser '{name}' ({type(model).__name__})"
+    return _Pipeline(pipe, name, model, call, run, what)
 
 
 def cmd_plan(args) -> int:
     from . import configs
     from .plan import _fmt_bytes
 
-    schedule = args.schedule or parse_schedule("fora:3")
+    spec = args.schedule or parse_spec("fora:3")
     m = configs.info(args.config)
+    if spec.calibrate:
+        raise CliError(f"--schedule {spec.text}: MagCache needs magnitude ratios calibrated on the model's weights, and "
+                       f"fxcache plan builds {m.label} without weights (meta device); measure it on a saved pipeline "
+                       f"with fxcache bench --pipeline DIR --schedule {spec.text}")
     steps = args.steps or m.steps
     contexts = args.contexts or m.contexts
     try:
         height, width, frames, _ = configs.resolve_size(m.name, args.height, args.width, args.frames, args.batch)
-        plan = configs.plan_config(m.name, schedule, height=height, width=width, num_frames=frames,
-                                   num_steps=steps, batch=args.batch)
+        model = configs.build(m.name)
+        size = dict(height=height, width=width, num_frames=frames, num_steps=steps, batch=args.batch, model=model)
+        schedule = _schedule_for(spec, steps, lambda s: configs.plan_config(m.name, s, **size))
+        plan = configs.plan_config(m.name, schedule, forecast=spec.forecast or 0, **size)
     except Exception as exc:
         if _is_fxcache_error(exc):
             raise CliError(str(exc)) from exc

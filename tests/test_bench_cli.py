@@ -670,16 +670,22 @@ def test_tables_header_names_the_stamp(repo):
         del sys.modules[spec.name]
 
 
-def test_bench_on_a_local_pipeline_folder(tmp_path, capsys):
-    """fxcache bench --pipeline DIR: the user's own diffusers pipeline, saved in a folder
-    (no Hub), measured like the embedded models: the three speed figures."""
+@pytest.fixture(scope="module")
+def ddpm_folder(tmp_path_factory):
+    """A user's own pipeline as fxcache sees it: a tiny DDPM pipeline saved in a local folder."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
     from fxcache.testing import tiny
 
-    DDPMPipeline(unet=tiny("unet2d").model, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
-        tmp_path / "pipe")
-    code = cli.main(["bench", "--pipeline", str(tmp_path / "pipe"), "--schedule", "deepcache:2:0", "--steps", "4",
+    folder = tmp_path_factory.mktemp("ddpm") / "pipe"
+    DDPMPipeline(unet=tiny("unet2d").model, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return folder
+
+
+def test_bench_on_a_local_pipeline_folder(ddpm_folder, tmp_path, capsys):
+    """fxcache bench --pipeline DIR: the user's own diffusers pipeline, saved in a folder
+    (no Hub), measured like the embedded models: the three speed figures."""
+    code = cli.main(["bench", "--pipeline", str(ddpm_folder), "--schedule", "deepcache:2:0", "--steps", "4",
                      "--samples", "1", "--repeats", "1"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -687,3 +693,170 @@ def test_bench_on_a_local_pipeline_folder(tmp_path, capsys):
         assert needle in out, needle
     assert cli.main(["bench", "--pipeline", str(tmp_path / "nothing"), "--schedule", "fora:2"]) == 2
     assert "not a diffusers pipeline folder" in capsys.readouterr().err
+
+
+def test_profile_on_a_local_pipeline_folder(ddpm_folder, tmp_path, capsys):
+    """fxcache profile --pipeline DIR (issue 20, item 6): the denoiser profiled inside the
+    pipeline's own loop, one generation per seed, saved as for an embedded model."""
+    from fxcache.artefacts import Profile
+
+    out = tmp_path / "p.safetensors"
+    code = cli.main(["profile", "--pipeline", str(ddpm_folder), "--steps", "3", "--samples", "1", "--seeds", "0,1",
+                     "--units", "resnet", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "DDPMPipeline" in text and "'unet'" in text and "wrote" in text
+    prof = Profile.load(out)
+    assert prof.num_steps == 3 and prof.num_units > 0 and list(prof.meta["seeds"]) == [0, 1]
+
+
+def test_profile_pipeline_errors_are_one_line_before_work(ddpm_folder, tmp_path, capsys, monkeypatch):
+    """The same checks as bench --pipeline and profile --model: outputs first, then the
+    folder, each one line; --model and --pipeline exclude each other."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded before the command checked its arguments")
+
+    import diffusers
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", refuse)
+    missing = tmp_path / "no" / "such"
+    assert cli.main(["profile", "--pipeline", str(ddpm_folder), "--out", str(missing / "p.safetensors")]) == 2
+    assert "does not exist" in _one_line_error(capsys, "profile")
+    assert cli.main(["profile", "--pipeline", str(tmp_path), "--out", str(tmp_path / "p.safetensors")]) == 2
+    err = _one_line_error(capsys, "profile")
+    assert "not a diffusers pipeline folder" in err and "model_index.json" in err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit):
+        cli.main(["profile", "--model", "unet", "--pipeline", str(ddpm_folder), "--out", str(tmp_path / "p.safetensors")])
+    assert "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["profile", "--out", str(tmp_path / "p.safetensors")])
+    assert "--model" in capsys.readouterr().err
+
+
+# -------------------------------------------------- magcache: and taylorseer: (issue 20, item 6)
+def test_parse_taylorseer_and_magcache():
+    """taylorseer:N[:ORDER] is FORA(N) with a forecast order (default 1) and a warm-up of
+    ORDER + 1 computed steps; magcache:THRESHOLD[:MAX_REUSE] is MagCache with its
+    published limits (K = 3 by default, the first 20% of steps computed), its ratios
+    calibrated when the model is known."""
+    spec = cli.parse_spec("taylorseer:3")
+    assert spec.schedule == fxcache.FORA(3) and spec.forecast == 1 and spec.warmup == 2
+    spec = cli.parse_spec("TaylorSeer:4:2")
+    assert spec.schedule == fxcache.FORA(4) and spec.forecast == 2 and spec.warmup == 3
+    assert cli.parse_schedule("taylorseer:3:2") == fxcache.FORA(3)
+    spec = cli.parse_spec("magcache:0.1")
+    assert spec.schedule == fxcache.MagCache(0.1, max_reuse=3) and spec.forecast is None and spec.calibrate
+    assert cli.parse_schedule("magcache:0.05:2") == fxcache.MagCache(0.05, max_reuse=2)
+    assert cli.parse_spec("fora:2").forecast is None and not cli.parse_spec("fora:2").calibrate
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("taylorseer:3:3", "order = 3 is not allowed"), ("taylorseer:3:0", "order = 0 is not allowed"),
+        ("taylorseer:0", "FORA.interval = 0 is not allowed"), ("taylorseer:2.5", "whole numbers"),
+        ("taylorseer:nan", "interval = nan is not a finite number"), ("taylorseer:2:inf", "order = inf"),
+        ("magcache:-0.1", "MagCache.threshold = -0.1 is not allowed"), ("magcache:nan", "threshold = nan"),
+        ("magcache:0.1:-1", "MagCache.max_reuse = -1 is not allowed"), ("magcache:0.1:1.5", "whole numbers"),
+        ("magcache", "magcache:THRESHOLD[:MAX_REUSE]"), ("taylorseer:2:1:1", "taylorseer:INTERVAL[:ORDER]"),
+    ],
+)
+def test_parse_taylorseer_and_magcache_errors(text, message):
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        cli.parse_spec(text)
+    msg = str(info.value)
+    assert msg.startswith(f"invalid schedule {text!r}: ") and message in msg and "\n" not in msg, msg
+
+
+def test_cli_bench_taylorseer(tmp_path, capsys):
+    """One run: TaylorSeer's schedule (warm-up, then every N-th step) with forecast order
+    ORDER, said before measuring and named in the report."""
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--model", "dit", "--schedule", "taylorseer:2:1", "--steps", "6", "--samples", "1",
+                     "--repeats", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    # 6 steps: 0 and 1 computed (warm-up), then (s - 3) % 2 == 0: 3 and 5; 2 and 4 forecast
+    assert "steps 0-1 computed (warm-up), then every 2nd step (4 of 6 computed)" in text, text
+    assert "forecast order 1" in text
+    report = json.loads(out.read_text())
+    assert report["schedule"].startswith("taylorseer:2:1 = Mask(") and report["schedule"].endswith("forecast order 1")
+    assert sum(report["kind_steps"]) == 6 and 2 in report["kind_steps"]
+
+
+def test_cli_bench_magcache_calibrates_first(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--model", "dit", "--schedule", "magcache:0.5:2", "--steps", "6", "--samples", "1",
+                     "--repeats", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    line = next(ln for ln in text.splitlines() if "MagCache" in ln and "calibrated" in ln)
+    assert "seed 1" in line and " s" in line, line
+    report = json.loads(out.read_text())
+    assert report["schedule"].startswith("magcache:0.5:2") and "MagCache(" in report["schedule"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--model", "unet", "--schedule", "magcache:0.1"], "transformer blocks"),
+        (["bench", "--model", "unet", "--schedule", "taylorseer:2"], "transformer blocks"),
+        (["bench", "--model", "dit", "--schedule", "taylorseer:2:1", "--forecast", "2"], "--forecast 2"),
+        (["bench", "--model", "dit", "--schedule", "taylorseer:2", "--forecast", "0"], "--forecast 0"),
+        (["plan", "--config", "sd15", "--schedule", "magcache:0.1"], "weights"),
+    ],
+)
+def test_cli_taylorseer_and_magcache_refusals_are_one_line_before_work(argv, message, capsys, no_model_work):
+    assert cli.main(argv) == 2
+    assert message in _one_line_error(capsys, argv[0])
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    """A tiny DiT pipeline saved in a folder (1000 classes: DiTPipeline's guidance uses class
+    1000 as its null class)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from fxcache.testing import tiny
+
+    cfg = {k: v for k, v in tiny("dit").model.config.items() if not k.startswith("_")}
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, layers_per_block=1)
+    folder = tmp_path_factory.mktemp("dit") / "pipe"
+    DiTPipeline(transformer=DiTTransformer2DModel(**{**cfg, "num_embeds_ada_norm": 1000}), vae=vae,
+                scheduler=DDIMScheduler(num_train_timesteps=1000), id2label={i: str(i) for i in range(10)}
+                ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("schedule, said", [("magcache:0.3", "calibrated in"),
+                                            ("taylorseer:2:2", "steps 0-2 computed (warm-up)")])
+def test_cli_bench_pipeline_magcache_and_taylorseer(dit_folder, schedule, said, tmp_path, capsys):
+    """On a saved pipeline: MagCache calibrated inside the pipeline's own loop, TaylorSeer's
+    mask on the units FORA finds in its transformer (planned through the pipeline)."""
+    out = tmp_path / "r.json"
+    code = cli.main(["bench", "--pipeline", str(dit_folder), "--schedule", schedule, "--steps", "6", "--samples", "1",
+                     "--repeats", "1", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert said in text and "DiTPipeline" in text, text
+    assert json.loads(out.read_text())["schedule"].startswith(schedule + " = ")
+
+
+def test_cli_magcache_on_a_pipeline_without_transformer_blocks(ddpm_folder, capsys):
+    assert cli.main(["bench", "--pipeline", str(ddpm_folder), "--schedule", "magcache:0.1", "--steps", "3",
+                     "--samples", "1", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after diffusers' "Loading pipeline components" bar
+    assert err.startswith("fxcache bench: error: ") and "MagCache" in err and "transformer blocks" in err, err
+
+
+def test_cli_plan_taylorseer(capsys):
+    """fxcache plan takes taylorseer: too: TaylorSeer's steps on FORA's units, and the
+    forecast history its order keeps counted in the cache bytes."""
+    assert cli.main(["plan", "--config", "sd15", "--height", "256", "--width", "256", "--steps", "6",
+                     "--schedule", "taylorseer:3:2"]) == 0
+    out = capsys.readouterr().out
+    # warm-up 0-2, then (s - 4) % 3 == 0: step 4
+    assert "steps 0-2 computed (warm-up), then every 3rd step (4 of 6 computed)" in out, out
+    assert "kind 0: steps 0, 1, 2, 4;" in out and "kind 1: steps 3, 5;" in out, out
+    assert "(forecast order 2: 3 values per slot)" in out, out

@@ -92,3 +92,58 @@ def test_one_flop_ideal_figure_over_the_generation():
     assert f"{plan.ideal_speedup_over(20):.2f}x over the generation of 20 steps" in text
     assert f"({plan.ideal_speedup:.2f}x over one period)" in text
     assert "over one period" in str(plan)
+
+
+def _live_bars() -> list:
+    from tqdm import tqdm
+
+    return [b for b in list(tqdm._instances) if "step graph" in str(b.desc)]
+
+
+def test_compile_bar_on_stderr_while_step_graphs_compile(capsys):
+    """Issue 20, item 2: "compiling 2 step graphs with <backend>" with a progress bar on
+    stderr, advanced as each graph compiles and closed when all have; nothing per step
+    once compiled; stderr is not a tty here."""
+    T = tiny("dit")
+    cm = fxcache.compile(T.model, fxcache.FORA(2), backend="eager")
+    _run(cm, T)
+    err = capsys.readouterr().err
+    assert "compiling 2 step graphs of DiTTransformer2DModel with eager" in err, err
+    assert "2/2" in err and "1/2" in err, err
+    assert _live_bars() == []  # closed once both had compiled
+    _run(cm, T)
+    assert "step graph" not in capsys.readouterr().err  # compiled: no bar, nothing per step
+
+
+def test_compile_bar_closed_when_its_entry_is_dropped(capsys):
+    """An entry dropped before all its graphs compiled (max_shapes evicts it, or the
+    model is let go) closes its bar."""
+    import gc
+
+    T, T2 = tiny("dit"), tiny("dit", batch=2)
+    cm = fxcache.compile(T.model, fxcache.FORA(2), backend="eager", max_shapes=1)
+    with torch.no_grad():
+        T.call(cm, T.timesteps[0])  # compiles the first of this shape's two graphs
+        (first,) = _live_bars()
+        cm.reset()
+        T2.call(cm, T2.timesteps[0])  # another shape: the first entry is evicted, the new one compiles
+    bars = _live_bars()
+    assert len(bars) == 1 and bars[0] is not first, bars  # (tqdm compares bars by position)
+    del cm, bars
+    gc.collect()
+    assert _live_bars() == []
+    capsys.readouterr()
+
+
+def test_compile_bar_quiet(capsys):
+    T = tiny("dit")
+    _run(fxcache.compile(T.model, fxcache.FORA(2), backend="eager", verbose=False), T)
+    assert "step graph" not in capsys.readouterr().err
+    fxcache.set_verbosity("WARNING")
+    try:
+        _run(fxcache.compile(T.model, fxcache.FORA(2), backend="eager"), T)
+    finally:
+        fxcache.set_verbosity("INFO")
+    assert "step graph" not in capsys.readouterr().err
+    _run(fxcache.compile(T.model, fxcache.FORA(2), backend=None), T)  # nothing compiles: no bar
+    assert "step graph" not in capsys.readouterr().err

@@ -29,7 +29,7 @@ from .guards import foreign_hooks, snapshot
 from .lora import LoraScales
 from .options import TIMESTEP_RULES, CompileOptions, UnsupportedCallError
 from .state import Decider, GenerationState, ThreadStates, apply_timestep_rule
-from .voice import fmt_seconds, say, short
+from .voice import compile_dropped, compile_finished, compile_started, fmt_seconds, say, short
 
 __all__ = ["Engine", "PlanLengthError"]
 
@@ -266,6 +266,8 @@ class Engine:
             with self._lock:
                 # captured again at the next call of each shape; an identical capture keeps its graphs
                 self._stale = dict(self._entries)
+                for stale in self._stale.values():
+                    compile_dropped(stale)
                 self._entries.clear()
                 self._last_entry = None
         self._snapshot = snap
@@ -317,13 +319,15 @@ class Engine:
             return entry.programs[kind](flat, bufs)
         kinds = entry.plan.step_kinds
         what = "computes everything" if not kinds[kind].reused else f"reuses {len(kinds[kind].reused)} unit(s)"
-        say(self.options.verbose, f"compiling step graph {kind + 1} of {len(entry.programs)} of "
-                                  f"{type(self.model).__name__} ({what}) with {self.options.backend} ...")
+        n, name, verbose = len(entry.programs), type(self.model).__name__, self.options.verbose
+        say(verbose, f"compiling step graph {kind + 1} of {n} of {name} ({what}) with {self.options.backend} ...")
+        compile_started(entry, verbose=verbose, total=n, done=len(entry.ran),
+                        desc=f"compiling {n} step graph{'s' if n != 1 else ''} of {name} with {self.options.backend}")
         t0 = time.perf_counter()
         out = entry.programs[kind](flat, bufs)
         entry.ran.add(kind)
-        say(self.options.verbose, f"step graph {kind + 1} of {len(entry.programs)} compiled and run in "
-                                  f"{fmt_seconds(time.perf_counter() - t0)}")
+        say(verbose, f"step graph {kind + 1} of {n} compiled and run in {fmt_seconds(time.perf_counter() - t0)}")
+        compile_finished(entry, len(entry.ran))
         return out
 
     def _check_length(self, plan: Plan, state: GenerationState, total: int | None) -> None:
@@ -435,7 +439,8 @@ class Engine:
                 entry = self._build(args_n, kwargs_n, signature, hint)
                 self._entries[signature] = entry
                 while len(self._entries) > self.options.max_shapes:
-                    self._entries.popitem(last=False)  # its buffers are dropped when a state meets the signature again
+                    # its buffers are dropped when a state meets the signature again
+                    compile_dropped(self._entries.popitem(last=False)[1])
             else:
                 self._entries.move_to_end(signature)
             self._last_entry = entry
