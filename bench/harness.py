@@ -40,7 +40,7 @@ from fxcache.runtime import CachedModel
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
-DEFAULT_STEPS = {1: 50, 2: 50, 3: 20, 4: 20, 5: 20}
+DEFAULT_STEPS = {1: 50, 2: 50, 3: 20, 4: 20, 5: 20, 6: 20}
 PROFILE_SEEDS = (100, 101, 102)  # never the evaluation seed
 
 

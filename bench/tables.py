@@ -22,7 +22,7 @@ from HEAD unless ``--allow-dirty`` (recorded in the results); ``--quick`` is a s
 
 This file is the driver: each table is a module beside it, with its measuring and rendering
 (``table1_deepcache.py``, ``table2_fora.py``, ``table3_block_caching.py``,
-``table4_learned_masks.py``, ``table5_adaptive.py``: each also runs alone, ``python
+``table4_learned_masks.py``, ``table5_adaptive.py``, ``table6_search.py``: each also runs alone, ``python
 bench/table3_block_caching.py --quick``), over the shared harness ``harness.py`` (the
 configuration, generation, quality and speed figures, rows, Markdown, results files,
 charts and this command line).
@@ -43,9 +43,10 @@ import table2_fora  # noqa: E402
 import table3_block_caching  # noqa: E402
 import table4_learned_masks  # noqa: E402
 import table5_adaptive  # noqa: E402
+import table6_search  # noqa: E402
 
 TABLES = {t.n: t for t in (table1_deepcache.TABLE, table2_fora.TABLE, table3_block_caching.TABLE,
-                           table4_learned_masks.TABLE, table5_adaptive.TABLE)}
+                           table4_learned_masks.TABLE, table5_adaptive.TABLE, table6_search.TABLE)}
 
 
 def main(argv: list[str] | None = None) -> int:

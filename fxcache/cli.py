@@ -54,7 +54,7 @@ BACKENDS = ("none", "inductor", "aot_eager")
 _SCHEDULE_HELP = ("deepcache:INTERVAL[:BRANCH] or adaptive-deepcache:THRESHOLD[:BRANCH] (U-Net), fora:INTERVAL, "
                   "fbc:THRESHOLD, teacache:THRESHOLD, magcache:THRESHOLD[:MAX_REUSE] (ratios calibrated first, "
                   "on seed 1) or taylorseer:INTERVAL[:ORDER] (forecast order 1 or 2) (DiT), e.g. deepcache:3:0, "
-                  "fora:2, fbc:0.15, magcache:0.1, taylorseer:3:1")
+                  "fora:2, fbc:0.15, magcache:0.1, taylorseer:3:1; or a FILE.json fxcache search wrote")
 _DEFAULT_SCHEDULE = {"unet": "deepcache:3:0", "dit": "fora:2"}
 
 
@@ -124,6 +124,15 @@ def parse_spec(text: str) -> ScheduleSpec:
 
     from . import schedules
 
+    if text.strip().lower().endswith(".json"):  # a schedule fxcache search wrote
+        from .calibrate.search import SearchResult
+        from .errors import CheckpointError
+
+        try:
+            found = SearchResult.load(text.strip())
+        except CheckpointError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return ScheduleSpec(text.strip(), "searched", found, forecast=found.forecast)
     parts = text.strip().lower().split(":")
     name, nums = parts[0], parts[1:]
     spec = _SCHEDULE_PARAMS.get(name)
@@ -214,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fxcache",
         description="Feature caching for diffusion denoisers as an FX compiler pass (CPU demo, profiler, benchmark).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,profile,bench,plan}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,profile,bench,plan,search}")
     sub.required = True
 
     def common(p, *, steps=20):
@@ -299,6 +308,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--contexts", type=_positive, default=None,
                       help="cache contexts per generation, each one cache state (default: 2 for pipelines with "
                       "classifier-free guidance, 1 for FLUX.1-dev)")
+    search = sub.add_parser("search", help="search a static schedule for a FLOP budget (fxcache.search)",
+                            description="Search a (step x unit) table and its forecast order that keeps the final "
+                            "output closest to the uncached run (SQNR on the calibration seeds) within a FLOP "
+                            "budget; write it as JSON, usable as bench --schedule FILE.json and "
+                            "fxcache.compile(model, fxcache.SearchResult.load(FILE)).")
+    pipeline_or_model(search, "searched")
+    budget = search.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--speedup", type=float, help="FLOP-ideal speed-up over the generation, e.g. 2.5")
+    budget.add_argument("--flops", type=float, help="fraction of the uncached generation's FLOPs, e.g. 0.4")
+    common(search)
+    search.add_argument("--samples", type=_positive, default=8, help="samples per calibration generation (default 8)")
+    search.add_argument("--seeds", type=_seeds, default=(300, 301),
+                        help="calibration seeds, comma-separated (default 300,301; judge on others)")
+    search.add_argument("--method", choices=("greedy", "anneal", "evolve", "exhaustive"), default="anneal",
+                        help="search method (default anneal)")
+    search.add_argument("--iterations", type=_positive, default=60,
+                        help="candidates per forecast order, anneal/evolve (default 60)")
+    search.add_argument("--orders", type=_seeds, default=(0, 1, 2), help="forecast orders to try (default 0,1,2)")
+    search.add_argument("--units", default="fora",
+                        help="fora (attention/MLP sublayers, default), blocks, or unit kinds/names, comma-separated")
+    search.add_argument("--checkpoint", default=None, help="JSON file of every evaluation: resumes a search")
+    search.add_argument("--out", required=True, help="schedule file to write (.json); its folder must exist")
     return parser
 
 
@@ -592,6 +623,42 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    _check_output(args.out, "--out", (".json",))
+    if args.checkpoint:
+        _check_output(args.checkpoint, "--checkpoint", (".json",))
+    if any(o not in (0, 1, 2) for o in args.orders):
+        raise CliError(f"--orders {','.join(map(str, args.orders))}: forecast orders are 0, 1 or 2")
+    import torch
+
+    from .calibrate.search import search
+
+    if args.pipeline is not None:
+        p = _open_pipeline(args)
+        model, run, what = p.model, p.run, p.what
+    else:
+        model, run, _ = _embedded(args)
+        what = args.model
+    units = [u.strip() for u in args.units.split(",") if u.strip()]
+    torch.set_num_threads(args.threads)
+    budget = f"{args.speedup:g}x FLOP-ideal" if args.speedup is not None else f"{args.flops:g} of the FLOPs"
+    print(f"searching {what}: {budget}, {args.method}, seeds {','.join(map(str, args.seeds))}, {args.steps} steps, "
+          f"{args.samples} samples, forecast orders {','.join(map(str, args.orders))}", flush=True)
+    try:
+        found = search(model, run, speedup=args.speedup, flops=args.flops, seeds=args.seeds,
+                       units=units[0] if len(units) == 1 else units, forecast=args.orders, method=args.method,
+                       iterations=args.iterations, checkpoint=args.checkpoint, progress=True)
+    except ValueError as exc:  # ScheduleError is one
+        raise CliError(str(exc)) from exc
+    except Exception as exc:
+        if _is_fxcache_error(exc):
+            raise CliError(str(exc)) from exc
+        raise
+    found.save(args.out)
+    print(f"{found}\nwrote {args.out} (fxcache bench --schedule {args.out} measures it)")
+    return 0
+
+
 def _embedded(args) -> tuple[Any, Callable, Any]:
     """An embedded model, ``run(m, seed=0)`` (one generation of ``args.steps`` steps and
     ``args.samples`` samples with ``m`` as the model) and its class labels (digits 0-9 for
@@ -771,7 +838,7 @@ def _is_fxcache_error(exc: BaseException) -> bool:
     return isinstance(exc, FxcacheError)
 
 
-_COMMANDS = {"demo": cmd_demo, "profile": cmd_profile, "bench": cmd_bench, "plan": cmd_plan}
+_COMMANDS = {"demo": cmd_demo, "profile": cmd_profile, "bench": cmd_bench, "plan": cmd_plan, "search": cmd_search}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -367,6 +367,7 @@ def _one_line_error(capsys, command: str) -> str:
                      "--out", "{tmp}/p.safetensors", "--plot", "{missing}/p.png"]),
         ("bench", ["bench", "--model", "unet", "--steps", "1", "--samples", "1", "--repeats", "1",
                    "--json", "{missing}/report.json"]),
+        ("search", ["search", "--model", "dit", "--speedup", "2", "--out", "{missing}/found.json"]),
     ],
 )
 def test_cli_output_into_missing_folder_is_refused_before_work(command, argv, tmp_path, capsys, no_model_work):
@@ -860,3 +861,25 @@ def test_cli_plan_taylorseer(capsys):
     assert "steps 0-2 computed (warm-up), then every 3rd step (4 of 6 computed)" in out, out
     assert "kind 0: steps 0, 1, 2, 4;" in out and "kind 1: steps 3, 5;" in out, out
     assert "(forecast order 2: 3 values per slot)" in out, out
+
+
+def test_cli_search_then_bench_the_searched_file(tmp_path, capsys):
+    """fxcache search writes a schedule; bench --schedule FILE.json measures it (the forecast
+    order travels with it); a file of another model is one line of error."""
+    out = tmp_path / "found.json"
+    assert cli.main(["search", "--model", "dit", "--speedup", "2", "--steps", "4", "--samples", "2", "--seeds",
+                     "300", "--orders", "0,1", "--method", "anneal", "--iterations", "3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "searched schedule (anneal) on DiTTransformer2DModel" in text and f"wrote {out}" in text
+    found = fxcache.SearchResult.load(out)
+    assert found.ideal_speedup >= 2.0 and found.mask.num_steps == 4
+    assert cli.main(["bench", "--model", "dit", "--schedule", str(out), "--steps", "4", "--samples", "2",
+                     "--repeats", "1"]) == 0
+    report = capsys.readouterr().out
+    assert f"{out} = " in report
+    assert cli.main(["bench", "--model", "unet", "--schedule", str(out), "--steps", "4", "--samples", "2",
+                     "--repeats", "1"]) == 2
+    assert "searched on a DiTTransformer2DModel" in _one_line_error(capsys, "bench")
+    assert cli.main(["search", "--model", "dit", "--speedup", "40", "--steps", "4", "--samples", "2",
+                     "--seeds", "300", "--out", str(tmp_path / "x.json")]) == 2
+    assert "beyond what reusing" in _one_line_error(capsys, "search")

@@ -45,6 +45,7 @@ RUN = {
     ("docs/usage.md", "Quick start", 0),
     ("docs/schedules.md", "Forecasting cache reads", 0),
     ("docs/schedules.md", "Residual spans", 0),
+    ("docs/schedules.md", "Searched schedules", 0),
 }
 
 

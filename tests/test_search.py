@@ -172,3 +172,34 @@ def test_cost_is_the_plans_estimate():
     t[1] = [False, True]
     t[2] = [True, False]
     assert p.cost(t) == 300 - 30 - 50 and p.fits(t)
+
+
+@pytest.mark.parametrize("tie", ["step", "block"])
+def test_tied_units_move_together(dit, tie):
+    found = fxcache.search(dit, run, speedup=1.8, seeds=(0,), units="fora", tie=tie, forecast=(0,),
+                           method="anneal", iterations=6, progress=False)
+    assert found.planned_flops <= found.budget_flops and found.tie == tie
+    m = found.mask
+    if tie == "step":
+        assert all(len(set(row)) == 1 for row in m.table)  # a step mask
+    else:
+        blocks = {}
+        for i, u in enumerate(m.units):
+            blocks.setdefault(u.rsplit(".", 1)[0], []).append(i)
+        assert all(len({row[i] for i in idx}) == 1 for row in m.table for idx in blocks.values())
+    with pytest.raises(ValueError, match="tie"):
+        fxcache.search(dit, run, speedup=1.8, tie="unit", progress=False)
+
+
+def test_mask_for_other_lengths(dit):
+    found = fxcache.search(dit, run, speedup=1.8, seeds=(0,), units="fora", forecast=(0,), method="greedy",
+                           progress=False)
+    for n in (2, STEPS, 9):
+        m = found.mask_for(n)
+        assert m.num_steps == n and all(m.table[0]) and m.units == found.mask.units
+    assert found.mask_for(STEPS) == found.mask
+    # a searched table is for its own length: a bare model running longer is warned (a pipeline,
+    # which says its length first, refuses with PlanLengthError: tests/test_denoising_steps.py)
+    cached = fxcache.compile(dit, found, backend=None, verbose=False)
+    with pytest.warns(RuntimeWarning, match="longer than the plan"), torch.no_grad():
+        generate(cached, num_steps=STEPS + 2, num_samples=2, seed=0, class_labels=[1, 7])

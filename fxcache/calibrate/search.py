@@ -103,10 +103,25 @@ class SearchResult:
     seconds: float
     history: list = field(default_factory=list)  # (evaluation, best score so far)
     by_order: dict = field(default_factory=dict)  # forecast order -> best score with it
+    tie: str | None = None  # units decided together (search(tie=))
 
     @property
     def num_steps(self) -> int:
         return self.mask.num_steps
+
+    def mask_for(self, num_steps: int) -> Mask:
+        """The table stretched to a generation of ``num_steps`` steps: step ``i`` follows
+        the searched row at the same relative position, ``round(i (T - 1) / (num_steps - 1))``,
+        and step 0 computes everything. The result is not searched and not judged. A
+        searched table is a plan for exactly its own number of steps: a pipeline that runs
+        another length is refused (``PlanLengthError``), a bare model warned; this is the
+        explicit way to carry it over (bench/table6_search.py measures how well it does)."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ScheduleError(f"mask_for(num_steps = {num_steps!r}): a whole number >= 1 is needed")
+        T = self.mask.num_steps
+        full = (True,) * len(self.mask.units)
+        rows = [full] + [self.mask.table[round(i * (T - 1) / max(num_steps - 1, 1))] for i in range(1, num_steps)]
+        return Mask(tuple(rows), self.mask.units)
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse a model of another class than the one searched on (the unit names are
@@ -134,7 +149,7 @@ class SearchResult:
             "budget_flops": self.budget_flops, "full_flops": self.full_flops, "method": self.method,
             "metric": self.metric, "seeds": list(self.seeds), "evaluations": self.evaluations,
             "seconds": self.seconds, "history": [list(h) for h in self.history],
-            "by_order": {str(k): _finite(v) for k, v in self.by_order.items()},
+            "by_order": {str(k): _finite(v) for k, v in self.by_order.items()}, "tie": self.tie,
         }
 
     def save(self, path: str | os.PathLike) -> str:
@@ -180,7 +195,7 @@ class SearchResult:
             full_flops=int(d["full_flops"]), method=str(d["method"]), metric=str(d["metric"]),
             seeds=tuple(d["seeds"]), model_class=d["model_class"], evaluations=int(d["evaluations"]),
             seconds=float(d["seconds"]), history=[tuple(h) for h in d.get("history", [])],
-            by_order={int(k): float(v) for k, v in d.get("by_order", {}).items()},
+            by_order={int(k): float(v) for k, v in d.get("by_order", {}).items()}, tie=d.get("tie"),
         )
 
 
@@ -190,22 +205,32 @@ def _finite(x: float) -> float:
 
 # --------------------------------------------------------------------------- problem
 class _Problem:
-    """The tables, their cost and the budget: ``cells`` are the (step, unit) positions
-    a search may turn off (rows >= 1)."""
+    """The tables, their cost and the budget. A searched table has one column per group
+    of units (``groups``: unit indices; by default each unit alone) and is expanded to
+    the units' table for its cost and its Mask; ``cells`` a search may turn off are the
+    (step, group) positions of rows >= 1."""
 
-    def __init__(self, infos, full_flops: int, num_steps: int, budget: int):
+    def __init__(self, infos, full_flops: int, num_steps: int, budget: int, groups=None):
         self.units = tuple(u.name for u in infos)
-        self.T, self.U = num_steps, len(infos)
+        self.groups = [list(g) for g in groups] if groups is not None else [[i] for i in range(len(infos))]
+        self._column = np.zeros(len(infos), dtype=int)  # unit -> its group's column
+        for g, members in enumerate(self.groups):
+            self._column[members] = g
+        self.T, self.U = num_steps, len(self.groups)  # U: columns of a searched table
         self._plan = Plan(list(infos), ((True,) * len(infos),), periodic=True, full_flops=full_flops)
         self.full = full_flops * num_steps
         self.budget = budget
         self._row_cost: dict = {}
 
+    def expand(self, table: np.ndarray) -> np.ndarray:
+        return table[..., self._column]
+
     def row_cost(self, row) -> int:
         key = bytes(np.asarray(row, dtype=np.uint8))
         c = self._row_cost.get(key)
         if c is None:
-            c = self._row_cost[key] = self._plan.estimated_flops(tuple(bool(v) for v in row))
+            units_row = self.expand(np.asarray(row, dtype=bool))
+            c = self._row_cost[key] = self._plan.estimated_flops(tuple(bool(v) for v in units_row))
         return c
 
     def cost(self, table: np.ndarray) -> int:
@@ -218,7 +243,7 @@ class _Problem:
         return np.ones((self.T, self.U), dtype=bool)
 
     def mask(self, table: np.ndarray) -> Mask:
-        return Mask(tuple(tuple(bool(v) for v in r) for r in table), self.units)
+        return Mask(tuple(tuple(bool(v) for v in r) for r in self.expand(table)), self.units)
 
 
 def _key(order: int, table: np.ndarray) -> str:
@@ -305,14 +330,16 @@ class _Evaluator:
 # --------------------------------------------------------------------------- the profile's drift
 class _Drift:
     """The greedy proxy: per unit, the drift of its reused cells (each one's change summed
-    since the unit was last computed), from the profile's ``l1rel``."""
+    since the unit was last computed), from the profile's ``l1rel``; a group's drift is
+    its units' sum."""
 
-    def __init__(self, change: np.ndarray):
+    def __init__(self, change: np.ndarray, groups):
         c = np.array(change, dtype=float)
         c[~np.isfinite(c)] = np.nan
         fill = np.nanmax(c) if np.isfinite(c).any() else 1.0
-        self.change = np.where(np.isnan(c), fill, c)
-        self.change[0] = 0.0
+        c = np.where(np.isnan(c), fill, c)
+        c[0] = 0.0
+        self.change = np.stack([c[:, g].sum(axis=1) for g in groups], axis=1)
 
     def column(self, col: np.ndarray, u: int) -> float:
         total, acc = 0.0, 0.0
@@ -323,9 +350,6 @@ class _Drift:
                 acc += self.change[t, u]
                 total += acc
         return total
-
-    def total(self, table: np.ndarray) -> float:
-        return sum(self.column(table[:, u], u) for u in range(table.shape[1]))
 
 
 def _gain(problem: _Problem, table: np.ndarray, t: int, u: int) -> int:
@@ -543,6 +567,23 @@ def _select(infos, units) -> list:
     return picked
 
 
+TIES = (None, "block", "step")
+
+
+def _groups(picked, tie) -> list:
+    """The searched table's columns: unit indices decided together."""
+    if tie is None:
+        return [[i] for i in range(len(picked))]
+    if tie == "step":
+        return [list(range(len(picked)))]
+    if tie == "block":
+        order: dict = {}
+        for i, u in enumerate(picked):
+            order.setdefault(u.block or u.name, []).append(i)
+        return list(order.values())
+    raise ValueError(f"tie = {tie!r}; allowed: None, 'block', 'step'")
+
+
 def _budget(full: int, speedup, flops) -> int:
     if (speedup is None) == (flops is None):
         raise ValueError("search needs exactly one budget: speedup= (FLOP-ideal speed-up over the generation, "
@@ -564,6 +605,7 @@ def search(
     flops: float | None = None,
     seeds: Sequence[int] = (0, 1),
     units: str | Sequence[str] = "fora",
+    tie: str | None = None,
     forecast: Sequence[int] = (0, 1, 2),
     metric: str | Callable = "sqnr",
     method: str = "anneal",
@@ -583,6 +625,10 @@ def search(
     seeds:      calibration seeds (keep others for judging the result).
     units:      ``"fora"`` (attention and MLP sublayers), ``"blocks"`` (whole
                 transformer blocks), or unit kinds / names (``fxcache.units(model)``).
+    tie:        None (each unit decided alone), ``"block"`` (a transformer block's
+                sublayers together) or ``"step"`` (all units together: a step mask,
+                BudCache's space; each step is then a full step or one kind of partial
+                step, which keeps the step kinds few and their run time close to FLOPs).
     forecast:   forecast orders to try (0, 1, 2); the best is kept.
     metric:     ``"sqnr"`` (dB over all seeds' outputs) or ``metric(reference, output)``
                 on the flattened float64 outputs, higher is better.
@@ -592,6 +638,8 @@ def search(
     checkpoint: JSON file of every evaluation; resumes a search with the same arguments.
     """
     t0 = time.perf_counter()
+    if tie not in TIES:
+        raise ValueError(f"tie = {tie!r}; allowed: None, 'block', 'step'")
     if method not in METHODS:
         raise ValueError(f"method = {method!r}; allowed: {', '.join(METHODS)}")
     if not callable(run):
@@ -634,7 +682,7 @@ def search(
     unitset = find_units(captured.gm)
     picked = _select(unitset.infos(), units)
     full_step = unitset.full_flops
-    problem = _Problem(picked, full_step, num_steps, 0)
+    problem = _Problem(picked, full_step, num_steps, 0, _groups(picked, tie))
     problem.budget = _budget(problem.full, speedup, flops)
     lowest = problem.cost(np.vstack([np.ones((1, problem.U), bool), np.zeros((num_steps - 1, problem.U), bool)]))
     if lowest > problem.budget:
@@ -643,7 +691,7 @@ def search(
             f"{problem.U} unit(s) can reach over {num_steps} steps (at most {problem.full / lowest:.2f}x with "
             f"only step 0 computed); lower it or search over more units")
 
-    ckpt_key = {"model_class": type(model).__name__, "units": list(problem.units), "num_steps": num_steps,
+    ckpt_key = {"model_class": type(model).__name__, "units": list(problem.units), "tie": tie, "num_steps": num_steps,
                 "budget": problem.budget, "seeds": list(seeds), "metric": metric_name}
     memo: dict = {}
     path = os.fspath(checkpoint) if checkpoint is not None else None
@@ -667,7 +715,7 @@ def search(
         prof = profile(model, run, units=list(problem.units), seeds=seeds[:1], example=(args, kwargs),
                        progress=False)
         index = [prof.units.index(n) for n in problem.units]
-        drift = _Drift(np.asarray(prof.l1rel)[:, index])
+        drift = _Drift(np.asarray(prof.l1rel)[:, index], problem.groups)
 
     from tqdm.auto import tqdm
 
@@ -710,5 +758,5 @@ def search(
         mask=problem.mask(table), forecast=order, score=score, ideal_speedup=problem.full / planned,
         planned_flops=planned, budget_flops=problem.budget, full_flops=problem.full, method=method,
         metric=metric_name, seeds=seeds, model_class=type(model).__name__, evaluations=evaluator.new,
-        seconds=time.perf_counter() - t0, history=history, by_order=by_order,
+        seconds=time.perf_counter() - t0, history=history, by_order=by_order, tie=tie,
     )
