@@ -24,8 +24,9 @@ step graphs, eager), sharing one capture.
   :func:`fxcache.profile`, one generation), repeatedly reuse the cell that adds the least
   accumulated drift per FLOP saved (the drift of a reused cell is the change summed since
   its unit was last computed) until the budget is met; also FORA's uniform table at the
-  shortest interval the budget allows. Both are evaluated, the better kept: two evaluations.
-  The other searches start from the same two tables.
+  shortest interval the budget allows, without and with TaylorSeer's warm-up (the first
+  2-4 steps computed). All are evaluated, the best kept: up to five evaluations. The
+  other searches start from the best of them.
 - ``"anneal"``: simulated annealing from the better start (BudCache's search): moves swap a
   computed and a reused cell (same unit at another step, or another unit), or compute one
   more cell while the budget allows; a worse table is accepted with probability
@@ -413,22 +414,30 @@ def _fill(problem: _Problem, drift: _Drift, table: np.ndarray) -> np.ndarray:
         cost += g
 
 
-def _uniform(problem: _Problem, drift: _Drift) -> np.ndarray | None:
-    """FORA's table at the shortest interval within the budget, its slack then filled."""
+def _uniform(problem: _Problem, drift: _Drift, warmup: int = 0) -> np.ndarray | None:
+    """FORA's table at the shortest interval within the budget, after ``warmup`` computed
+    steps (TaylorSeer's rule, as diffusers' hook: steps ``0..warmup-1``, then every step
+    with ``(s - warmup - 1) % n == 0``), its slack then filled."""
     for n in range(2, problem.T + 1):
         table = np.zeros((problem.T, problem.U), dtype=bool)
-        table[::n] = True
+        if warmup:
+            table[:warmup] = True
+            table[warmup + 1::n] = True
+        else:
+            table[::n] = True
         if problem.fits(table):
             return _fill(problem, drift, table)
     return None
 
 
 def _starts(problem: _Problem, drift: _Drift) -> list:
-    """Where the searches start: the profile's greedy table and the uniform one."""
+    """Where the searches start: the profile's greedy table and the uniform ones (without
+    and with a warm-up of 2-4 computed steps), each distinct table once."""
     starts = [_fill(problem, drift, _reduce(problem, drift, problem.full_table()))]
-    uniform = _uniform(problem, drift)
-    if uniform is not None and not (uniform == starts[0]).all():
-        starts.append(uniform)
+    for warmup in (0, 2, 3, 4):
+        uniform = _uniform(problem, drift, warmup)
+        if uniform is not None and not any((uniform == t).all() for t in starts):
+            starts.append(uniform)
     return starts
 
 
@@ -719,7 +728,7 @@ def search(
 
     from tqdm.auto import tqdm
 
-    per_order = {"greedy": 2, "exhaustive": None}.get(method, iterations + 2)
+    per_order = {"greedy": 5, "exhaustive": None}.get(method, iterations + 5)
     total = per_order * len(orders) if per_order else None
     history, best = [], (-math.inf, None, None)
     by_order: dict = {}
