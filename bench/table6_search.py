@@ -1,4 +1,4 @@
-"""Table 6: searched static schedules (fxcache.search) on the digit DiT against the other schedules.
+"""Table 6: searched static schedules (fxcache.search) on the digit DiT and U-Net against the other schedules.
 
     python bench/table6_search.py [--samples N] [--steps T] [--quick] [--allow-dirty] [--render]
 
@@ -51,11 +51,12 @@ def _label(method: str, tie, budget: float) -> str:
 
 
 def _searched_row(model, name, steps, cfg, ref, phases, budget, method, tie, iters) -> tuple[dict, object]:
+    """One search on the calibration seeds, then its row on the evaluation seed."""
     run = lambda m, s: gen(m, name, steps, cfg.profile_samples, s)  # noqa: E731
     log(f"{name}: search {method} (tie {tie}) at {budget:g}x (seeds {SEARCH_SEEDS}, {cfg.profile_samples} samples, "
         f"forecast {T6_ORDERS}, {iters} candidates per order)")
     t0 = time.perf_counter()
-    found = fxcache.search(model, run, speedup=budget, seeds=SEARCH_SEEDS, units="fora", tie=tie,
+    found = fxcache.search(model, run, speedup=budget, seeds=SEARCH_SEEDS, units=T6_UNITS[name], tie=tie,
                            forecast=T6_ORDERS, method=method, iterations=iters, seed=0, progress=False)
     search_s = time.perf_counter() - t0
     phases["search"] = phases.get("search", 0.0) + search_s
@@ -69,7 +70,11 @@ def _searched_row(model, name, steps, cfg, ref, phases, budget, method, tie, ite
     return r, found
 
 
-def _table5_rows(steps: int, cfg: Config) -> tuple[list[dict], str | None]:
+#: rows of table 5 this table measures again (in this run, beside the searched rows)
+_REMEASURED = {"dit": ("FORA N=2", "FORA N=3", "TaylorSeer's schedule"), "unet": ("DeepCache 1:2", "DeepCache 1:3")}
+
+
+def _table5_rows(name: str, steps: int, cfg: Config) -> tuple[list[dict], str | None]:
     path = RESULTS / "table5.json"
     if not path.exists():
         return [], "no bench/results/table5.json"
@@ -78,54 +83,75 @@ def _table5_rows(steps: int, cfg: Config) -> tuple[list[dict], str | None]:
     if (c.get("samples"), c.get("seed"), d.get("steps")) != (cfg.samples, cfg.seed, steps):
         return [], (f"table5.json was measured at samples {c.get('samples')}, seed {c.get('seed')}, steps "
                     f"{d.get('steps')}; this run: {cfg.samples}, {cfg.seed}, {steps}")
-    keep = [r for r in d["dit"]["rows"] if r["method"] != "uncached"
-            and not r["setting"].startswith(("FORA N=2", "FORA N=3", "TaylorSeer's schedule"))]
+    keep = [r for r in d[name]["rows"] if r["method"] != "uncached"
+            and not r["setting"].startswith(_REMEASURED[name])]
     for r in keep:
         r["method"] = f"table 5: {r['method']}"
     return keep, None
+
+
+T6_UNITS = {"dit": "fora", "unet": "skip_branch"}  # what the search decides per step
+T6_UNET_SEARCHES = (("greedy", None), ("anneal", None))
+
+
+def _section(name: str, cfg: Config, steps: int, iters: int, phases: dict) -> dict:
+    """One model's rows: searched at every budget, the other schedules, table 5's rows, targets."""
+    model = load(name)
+    ref, ref_row, spread = _t5_reference(model, name, steps, cfg)
+    rows, found = [ref_row], {}
+    searches = T6_SEARCHES if name == "dit" else T6_UNET_SEARCHES
+    for budget in T6_BUDGETS:
+        for method, tie in searches:
+            r, found[(budget, method, tie)] = _searched_row(model, name, steps, cfg, ref, phases, budget, method,
+                                                            tie, iters)
+            rows.append(r)
+    others = []
+    if name == "dit":
+        for n in (2, 3, 4):
+            others.append(_fx_row(model, fxcache.FORA(n), f"FORA N={n}", "FORA", name, steps, cfg, ref, phases))
+        for n in (2, 3):
+            others.append(_fx_row(model, fxcache.FORA(n), f"FORA N={n} + forecast order 1", "FORA + forecast",
+                                  name, steps, cfg, ref, phases, forecast=1))
+        for n, o in ((2, 1), (3, 2)):
+            sch = taylorseer_schedule(model, name, steps, n, o + 1)
+            others.append(_fx_row(model, sch, f"TaylorSeer's schedule (N={n}, warm-up {o + 1}) + forecast order {o}",
+                                  "TaylorSeer", name, steps, cfg, ref, phases, forecast=o))
+    else:
+        for n in (2, 3, 4):
+            others.append(_fx_row(model, fxcache.DeepCache(n, 0), f"DeepCache 1:{n}", "DeepCache", name, steps, cfg,
+                                  ref, phases))
+        for n in (2, 3):
+            others.append(_fx_row(model, fxcache.DeepCache(n, 0), f"DeepCache 1:{n} + forecast order 1",
+                                  "DeepCache + forecast", name, steps, cfg, ref, phases, forecast=1))
+    t5, why = _table5_rows(name, steps, cfg)
+    sec = {"spread": spread, "rows": rows + others + t5,
+           "table5_rows": why or f"{len(t5)} rows from table5.json (quality: the same generations; speed: that run)"}
+    sec["targets"] = targets6(sec["rows"])
+    if name == "dit":
+        best = max((r for r in rows if r.get("budget") == T6_TRANSFER_BUDGET), key=lambda r: r["sqnr_db"])
+        t0 = time.perf_counter()
+        sec["transfer"] = transfer(model, name, steps, cfg, found[(best["budget"], best["search_method"],
+                                                                   best["search_tie"])], best, iters)
+        phases["transfer"] = time.perf_counter() - t0
+    return sec
 
 
 def table6(cfg: Config) -> dict:
     t_start = time.perf_counter()
     if not cfg.samples_given and not cfg.quick:
         cfg = Config(**{**cfg.__dict__, "samples": T6_SAMPLES})
-    steps, name = cfg.steps_for(6), "dit"
+    steps = cfg.steps_for(6)
     iters = 4 if cfg.quick else T6_ITERS
-    data = meta(6, f"Searched static schedules on the digit DiT vs the other schedules, DDIM {steps} steps", cfg,
-                steps)
+    data = meta(6, f"Searched static schedules on the digit DiT and U-Net vs the other schedules, DDIM {steps} "
+                   f"steps", cfg, steps)
     data["phases_s"] = phases = {"quality": 0.0, "speed": 0.0, "search": 0.0}
     data["settings"] = {"budgets": list(T6_BUDGETS), "searches": [list(x) for x in T6_SEARCHES],
-                        "orders": list(T6_ORDERS),
-                        "iterations": iters, "search_seeds": list(SEARCH_SEEDS),
+                        "unet_searches": [list(x) for x in T6_UNET_SEARCHES], "units": T6_UNITS,
+                        "orders": list(T6_ORDERS), "iterations": iters, "search_seeds": list(SEARCH_SEEDS),
                         "search_samples": cfg.profile_samples, "margin_db": T6_MARGIN_DB}
-    model = load(name)
-    ref, ref_row, data["spread"] = _t5_reference(model, name, steps, cfg)
-    rows, found = [ref_row], {}
-    for budget in T6_BUDGETS:
-        for method, tie in T6_SEARCHES:
-            r, found[(budget, method, tie)] = _searched_row(model, name, steps, cfg, ref, phases, budget, method,
-                                                            tie, iters)
-            rows.append(r)
-    others = []
-    for n in (2, 3, 4):
-        others.append(_fx_row(model, fxcache.FORA(n), f"FORA N={n}", "FORA", name, steps, cfg, ref, phases))
-    for n in (2, 3):
-        others.append(_fx_row(model, fxcache.FORA(n), f"FORA N={n} + forecast order 1", "FORA + forecast", name,
-                              steps, cfg, ref, phases, forecast=1))
-    for n, o in ((2, 1), (3, 2)):
-        sch = taylorseer_schedule(model, name, steps, n, o + 1)
-        others.append(_fx_row(model, sch, f"TaylorSeer's schedule (N={n}, warm-up {o + 1}) + forecast order {o}",
-                              "TaylorSeer", name, steps, cfg, ref, phases, forecast=o))
-    t5, why = _table5_rows(steps, cfg)
-    data["table5_rows"] = why or f"{len(t5)} rows from table5.json (quality: same generations; speed: that run)"
-    data["rows"] = rows + others + t5
-    data["targets"] = targets6(data["rows"])
-    best = max((r for r in rows if r.get("budget") == T6_TRANSFER_BUDGET), key=lambda r: r["sqnr_db"])
-    t0 = time.perf_counter()
-    data["transfer"] = transfer(model, name, steps, cfg, found[(best["budget"], best["search_method"],
-                                                                best["search_tie"])], best, iters)
-    phases["transfer"] = time.perf_counter() - t0
-    return _finish(data, t_start, [ref_row], cfg.out, render6)
+    for name in ("dit", "unet"):
+        data[name] = _section(name, cfg, steps, iters, phases)
+    return _finish(data, t_start, [data["dit"]["rows"][0], data["unet"]["rows"][0]], cfg.out, render6)
 
 
 def _quality(model, schedule, steps: int, n: int, seed: int, labels, forecast: int = 0) -> tuple[float, float]:
@@ -224,36 +250,43 @@ def targets6(rows: list[dict]) -> dict:
 
 def render6(d: dict) -> str:
     s = d["settings"]
-    rows = d["rows"]
+    parts = [md_header(d),
+             f"Search: `fxcache.search(model, run, speedup=B, seeds={tuple(s['search_seeds'])}, units=U, "
+             f"forecast={tuple(s['orders'])}, method=M, iterations={s['iterations']})` with U = "
+             f"{', '.join(f'`{v}` ({k})' for k, v in s['units'].items())}, {s['search_samples']} samples per "
+             f"calibration seed; every row judged on seed {d['config']['seed']} with {d['config']['samples']} "
+             f"samples against the uncached run."]
+    for name, title in (("dit", "DiT"), ("unet", "U-Net")):
+        if name in d:
+            parts.append(_render_section(d[name], title))
+    return "\n\n".join(parts)
+
+
+def _render_section(sec: dict, title: str) -> str:
+    rows = sec["rows"]
     cols = (("search", lambda r: f"{r['search_s']:.0f} s, {r['search_evaluations']} cand." if "search_s" in r
              else "–"),
             ("calib. SQNR", lambda r: _f(r.get("calibration_sqnr_db"), "{:.1f}")),
             ("forecast", lambda r: str(r.get("forecast", 0))))
     tg = []
-    for t in d["targets"]["budgets"]:
+    for t in sec["targets"]["budgets"]:
         if t["rival"] is None:
             tg.append(f"- {t['budget']:g}x: {t['best']} ({t['sqnr_db']:.1f} dB at {t['measured']:.2f}x measured): no "
                       f"other row at that measured speed-up or higher: met")
         else:
             tg.append(f"- {t['budget']:g}x: {t['best']} {t['sqnr_db']:.1f} dB at {t['measured']:.2f}x against "
                       f"{t['rival']} {t['rival_sqnr_db']:.1f} dB at {t['rival_measured']:.2f}x: margin "
-                      f"{t['margin_db']:+.1f} dB (target ≥ {d['targets']['margin_db']:g}): "
+                      f"{t['margin_db']:+.1f} dB (target ≥ {sec['targets']['margin_db']:g}): "
                       f"{'met' if t['met'] else 'NOT met'}")
     masks = "\n\n".join(f"{r['setting']} (forecast order {r['forecast']}):\n\n```\n{r['mask_text']}\n```"
-                        for r in rows if "mask_text" in r)
-    return "\n\n".join([
-        md_header(d),
-        f"Search: `fxcache.search(model, run, speedup=B, seeds={tuple(s['search_seeds'])}, units='fora', "
-        f"forecast={tuple(s['orders'])}, method=M, iterations={s['iterations']})`, {s['search_samples']} samples "
-        f"per calibration seed; judged on seed {d['config']['seed']} with {d['config']['samples']} samples. "
-        f"Other rows: {d['table5_rows']}.",
-        md_table(rows, acc=True, extra_cols=cols),
-        "Targets (best searched row against the best other row at equal or higher measured speed-up):\n\n"
-        + "\n".join(tg),
-        _transfer_text(d.get("transfer")),
-        efficiency_line(rows),
-        f"Searched tables (`#` compute, `.` reuse; steps left to right):\n\n{masks}",
-    ])
+                         for r in rows if "mask_text" in r)
+    out = [f"## {title}", f"Other rows: {sec['table5_rows']}.", md_table(rows, acc=title == "DiT", extra_cols=cols),
+           "Targets (best searched row against the best other row at equal or higher measured speed-up):\n\n"
+           + "\n".join(tg)]
+    if "transfer" in sec:
+        out.append(_transfer_text(sec["transfer"]))
+    out += [efficiency_line(rows), f"Searched tables (`#` compute, `.` reuse; steps left to right):\n\n{masks}"]
+    return "\n\n".join(out)
 
 
 def _transfer_text(t: dict | None) -> str:

@@ -219,12 +219,25 @@ class _Problem:
             self._column[members] = g
         self.T, self.U = num_steps, len(self.groups)  # U: columns of a searched table
         self._plan = Plan(list(infos), ((True,) * len(infos),), periodic=True, full_flops=full_flops)
+        index = {n: i for i, n in enumerate(self.units)}
+        # nested units (DeepCache's branches): the enclosing units of each, among the searched ones
+        self._around = [[index[a] for a in self._plan.ancestors(n) if a in index] for n in self.units]
         self.full = full_flops * num_steps
         self.budget = budget
         self._row_cost: dict = {}
 
     def expand(self, table: np.ndarray) -> np.ndarray:
-        return table[..., self._column]
+        """The units' table, canonical: a unit counts as computed at a step only where every
+        unit around it is. (The runtime computes an inner unit inside a reused outer one
+        when a later step reads the inner cache: a table saying so would cost more than
+        its rows' estimate. Canonical, the estimate is what the runtime runs, or more.)"""
+        units = table[..., self._column]
+        if any(self._around):
+            units = units.copy()
+            for u, around in enumerate(self._around):
+                for a in around:
+                    units[..., u] &= units[..., a]
+        return units
 
     def row_cost(self, row) -> int:
         key = bytes(np.asarray(row, dtype=np.uint8))
@@ -301,7 +314,7 @@ class _Evaluator:
         return self._captures[key]
 
     def score(self, problem: _Problem, order: int, table: np.ndarray, bar=None) -> float:
-        key = _key(order, table)
+        key = _key(order, problem.expand(table))  # tables that mean the same are run once
         if key in self.memo:
             return self.memo[key]
         # eager and unfused: the same step graphs the compiled model runs, before inductor
