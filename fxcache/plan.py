@@ -224,7 +224,10 @@ class Plan:
 
     # ------------------------------------------------------------------- flops
     def estimated_flops(self, row: Sequence[bool]) -> int:
-        """Full FLOPs minus the savings of the outermost reused units."""
+        """Full FLOPs minus the savings of the outermost reused units. An estimate from one
+        row: an inner unit marked computed inside a reused outer one runs anyway when a
+        later step reads its cache, which a row cannot see (the bound plan counts it;
+        :mod:`fxcache.calibrate.search` keeps its tables canonical so the two agree)."""
         index = {n: i for i, n in enumerate(self.units)}
         saved = 0
         for i, name in enumerate(self.units):

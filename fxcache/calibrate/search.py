@@ -322,8 +322,12 @@ class _Evaluator:
                                  fuse=False, segments=False)
         cached = CachedModel(self.model, problem.mask(table), options)
         cached.engine._shared = self
-        with torch.no_grad():
-            out = torch.cat([_floats(self.run(cached, s)) for s in self.seeds])
+        try:
+            with torch.no_grad():
+                out = torch.cat([_floats(self.run(cached, s)) for s in self.seeds])
+        finally:
+            cached.engine._shared = None  # no cycle keeps this candidate's graphs and buffers alive
+            del cached
         value = self.metric(self.reference, out) if out.shape == self.reference.shape else -_SCORE_CAP
         value = _finite(value)
         self.memo[key] = value
@@ -774,6 +778,8 @@ def search(
                     _evolve(problem, evaluate, start, drift, rng, iterations)
             by_order[order] = best_here[0]
     evaluator.save()
+    evaluator.graphs.clear()  # the step graphs and the capture of every candidate: freed now, not at a GC
+    evaluator._captures.clear()
     score, order, table = best
     planned = problem.cost(table)
     return SearchResult(
