@@ -1,6 +1,6 @@
 """The four papers' main tables in miniature, on the embedded 16x16 digit models.
 
-    python bench/tables.py [--table 1|2|3|4|5|all] [--samples N] [--steps T] [--quick] [--allow-dirty]
+    python bench/tables.py [--table 1|2|3|4|5|6|all] [--samples N] [--steps T] [--quick] [--allow-dirty]
     python bench/tables.py --render [--plot]        # rewrite the Markdown from the JSON
 
 1. DeepCache on the U-Net against plain DDIM with fewer steps at about the same FLOPs;

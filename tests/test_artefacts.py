@@ -513,6 +513,8 @@ def test_cli_bench_json_that_fails_leaves_the_old_file(tmp_path, monkeypatch, ca
     from fxcache.evaluation import speed
 
     class Report:
+        schedule = "x"  # the CLI prefixes what was typed to the report's schedule
+
         def __str__(self):
             return "report"
 
