@@ -595,16 +595,8 @@ def cmd_profile(args) -> int:
 
     from .calibrate.profiler import profile
 
-    units = None
-    if args.units:
-        parts = [u.strip() for u in args.units.split(",") if u.strip()]
-        units = parts[0] if len(parts) == 1 else tuple(parts)
-    if args.pipeline is not None:
-        p = _open_pipeline(args)
-        model, run, what = p.model, p.run, p.what
-    else:
-        model, run, _ = _embedded(args)
-        what = args.model
+    units = _unit_selector(args.units) if args.units else None
+    model, run, what = _model_and_run(args)
     torch.set_num_threads(args.threads)
     print(f"profiling {what}: {len(args.seeds)} generations of {args.steps} steps, {args.samples} samples",
           flush=True)
@@ -633,20 +625,14 @@ def cmd_search(args) -> int:
 
     from .calibrate.search import search
 
-    if args.pipeline is not None:
-        p = _open_pipeline(args)
-        model, run, what = p.model, p.run, p.what
-    else:
-        model, run, _ = _embedded(args)
-        what = args.model
-    units = [u.strip() for u in args.units.split(",") if u.strip()]
+    model, run, what = _model_and_run(args)
     torch.set_num_threads(args.threads)
     budget = f"{args.speedup:g}x FLOP-ideal" if args.speedup is not None else f"{args.flops:g} of the FLOPs"
     print(f"searching {what}: {budget}, {args.method}, seeds {','.join(map(str, args.seeds))}, {args.steps} steps, "
           f"{args.samples} samples, forecast orders {','.join(map(str, args.orders))}", flush=True)
     try:
         found = search(model, run, speedup=args.speedup, flops=args.flops, seeds=args.seeds,
-                       units=units[0] if len(units) == 1 else units, forecast=args.orders, method=args.method,
+                       units=_unit_selector(args.units), forecast=args.orders, method=args.method,
                        iterations=args.iterations, checkpoint=args.checkpoint, progress=True)
     except ValueError as exc:  # ScheduleError is one
         raise CliError(str(exc)) from exc
@@ -657,6 +643,22 @@ def cmd_search(args) -> int:
     found.save(args.out)
     print(f"{found}\nwrote {args.out} (fxcache bench --schedule {args.out} measures it)")
     return 0
+
+
+def _unit_selector(text: str):
+    """``--units a,b``: one kind or name as a string, several as a tuple (select_units' forms)."""
+    parts = [u.strip() for u in text.split(",") if u.strip()]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _model_and_run(args) -> tuple[Any, Callable, str]:
+    """The denoiser (``--pipeline``'s or the embedded ``--model``), ``run(m, seed)`` of one
+    generation with ``m`` in its place, and how to name it in a message."""
+    if args.pipeline is not None:
+        p = _open_pipeline(args)
+        return p.model, p.run, p.what
+    model, run, _ = _embedded(args)
+    return model, run, args.model
 
 
 def _embedded(args) -> tuple[Any, Callable, Any]:

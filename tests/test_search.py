@@ -206,7 +206,7 @@ def test_bad_arguments_are_refused_before_any_work(dit):
     ):
         with pytest.raises(ValueError, match=match):
             fxcache.search(dit, counted, progress=False, **kwargs)
-    assert calls == [] or all(c == 0 for c in calls)
+    assert calls == []  # every one refused before a generation ran
     with pytest.raises(fxcache.ScheduleError, match="beyond what reusing"):
         fxcache.search(dit, run, speedup=50.0, units="fora", progress=False)
     with pytest.raises(fxcache.ScheduleError, match="at most 2\\^16"):

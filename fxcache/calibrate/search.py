@@ -664,6 +664,7 @@ def search(
     checkpoint: JSON file of every evaluation; resumes a search with the same arguments.
     """
     t0 = time.perf_counter()
+    _budget(1, speedup, flops)  # a bad budget is refused before any generation runs
     if tie not in TIES:
         raise ValueError(f"tie = {tie!r}; allowed: None, 'block', 'step'")
     if method not in METHODS:
