@@ -4,6 +4,7 @@ learned Mask compiling, and rectification being what the compiler's liveness doe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -400,11 +401,15 @@ def test_blend_graph_is_the_model_at_one_and_the_cached_plan_at_zero(family):
     assert len(h.gm.graph.nodes) < len(g.gm.graph.nodes)
 
 
-def test_first_relaxed_loss_is_the_hook_oracle(dit):
+@pytest.mark.parametrize("rollout", [False, True], ids=["teacher-caches", "rollout"])
+def test_first_relaxed_loss_is_the_hook_oracle(dit, rollout):
     """The loss of the first iteration at each trained step, recomputed independently:
-    hooks on the plain model mix each block's output with the teacher's previous-step
-    output (tests/_reference.py), the straight-through sample redrawn from the same
-    generator, the weights w_t from r_t measured by hand. Then training lowers it."""
+    hooks on the plain model mix each block's output with a cache (tests/_reference.py),
+    the straight-through sample redrawn from the same generator, the weights w_t from r_t
+    measured by hand. The cache is the teacher's previous-step output (``rollout=False``)
+    or what the masked model holds: the block's output at the last step whose learned
+    (thresholded, unrectified) row computed it (``rollout=True``, the paper's training
+    along the masked denoising). Then training lowers the loss."""
     from _reference import hook_blend
 
     model = dit.model
@@ -416,25 +421,34 @@ def test_first_relaxed_loss_is_the_hook_oracle(dit):
 
     # a seed whose first sample reuses a block at step 1 (else the mix is the model itself)
     seed = next(s for s in range(100) if not bool(sample(s, 1).all()))
-    config = LearnedMask(iters=20, lr=0.3, lambda_sparsity=0.05, seed=seed)
+    config = LearnedMask(iters=20, lr=0.3, lambda_sparsity=0.05, seed=seed, rollout=rollout)
     r = learn_mask_details(model, calls, config, progress=False)
+    rows = [[bool(v) for v in row] for row in r.unrectified.table]
+    assert any(not all(row) for row in rows[1:-1])  # a reuse before the last step: the modes differ
 
-    recorded = []
-    hooks = [model.get_submodule(b).register_forward_hook(lambda m, i, o: recorded.append(o.detach())) for b in BLOCKS]
-    try:
-        with torch.no_grad():
-            teacher = []
-            for args, kwargs in calls:
-                recorded.clear()
-                model(*args, **kwargs)
-                teacher.append(list(recorded))
-    finally:
-        for h in hooks:
-            h.remove()
+    def block_outputs(args, kwargs, weights=None, caches=None):
+        recorded = []
+        hooks = [model.get_submodule(b).register_forward_hook(lambda m, i, o: recorded.append(o.detach()))
+                 for b in BLOCKS]
+        try:
+            with torch.no_grad():
+                if weights is None:
+                    model(*args, **kwargs)
+                    return recorded
+                with hook_blend(model, BLOCKS, weights, caches) as mixed:
+                    model(*args, **kwargs)
+                return [x.detach() for x in mixed]
+        finally:
+            for h in hooks:
+                h.remove()
+
+    teacher = [block_outputs(*c) for c in calls]
+    held = list(teacher[0])  # the caches the masked model holds after each step
     w = timestep_weights(_feature_changes(model, calls, BLOCKS[-1]))
     for t in range(1, len(calls)):
+        caches = held if rollout else teacher[t - 1]
         m = sample(seed, t)
-        with torch.no_grad(), hook_blend(model, BLOCKS, m, teacher[t - 1]) as mixed:
+        with torch.no_grad(), hook_blend(model, BLOCKS, m, caches) as mixed:
             model(*calls[t][0], **calls[t][1])
         feat, target = mixed[-1].double(), teacher[t][-1].double()
         fl = float(((feat - target) ** 2).sum() / (target ** 2).sum())
@@ -445,3 +459,92 @@ def test_first_relaxed_loss_is_the_hook_oracle(dit):
             assert fl > 0  # a block was reused: the feature term is not trivially 0
         # the optimisation lowers the loss below the independently computed start
         assert r.loss[t, -3:].mean() < fl + w[t] * reg, (t, r.loss[t])
+        binary = torch.tensor([1.0 if v else 0.0 for v in rows[t]])
+        held = block_outputs(*calls[t], binary, held)
+
+
+def test_rollout_takes_the_masked_models_own_steps(dit):
+    """With ``run(m, seed)``, rollout learns along the masked model's own denoising: the
+    generation the masked run returns is the compiled mask's generation (rectification
+    changes no value), and its latents, not the teacher's, feed later steps."""
+    config = LearnedMask(iters=15, lr=0.3, lambda_sparsity=0.05)
+    seen = []
+
+    def run(m, seed):
+        seen.append(_run(m, seed))
+        return seen[-1]
+
+    r = learn_mask_details(dit.model, run, config, progress=False)
+    assert len(seen) == 2  # the teacher's run and the masked run
+    assert any(not all(row) for row in r.mask.table[1:])
+    cm = fxcache.compile(dit.model, r.mask, backend=None)
+    with torch.no_grad():
+        cached = _run(cm, config.seed)
+    # the masked run again, by hand with hooks: the same generation as the compiled mask
+    with torch.no_grad(), hook_cache(dit.model, r.mask.units, mask_rows(r.mask)):
+        by_hooks = _run(dit.model, config.seed)
+    torch.testing.assert_close(cached, by_hooks, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen[1], cached, rtol=1e-5, atol=1e-6)  # what the masked run generated
+    assert not torch.allclose(seen[0], cached)  # not the teacher's generation
+    # and the teacher-cache variant of the same settings learns another mask here
+    other = learn_mask_details(dit.model, _run, dataclasses.replace(config, rollout=False), progress=False)
+    assert not np.allclose(other.alpha, r.alpha)
+
+
+def test_a_run_that_changes_its_call_count_is_refused(dit):
+    calls = {"n": 0}
+
+    def run(m, seed):
+        calls["n"] += 1
+        steps = STEPS if calls["n"] == 1 else STEPS[:3]
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        for t in steps:
+            x = x - 0.2 * m(x, timestep=torch.tensor([t, t]), class_labels=torch.tensor([3, 5])).sample
+        return x
+
+    with pytest.raises(ScheduleError, match="same number of calls"):
+        learn_mask(dit.model, run, LearnedMask(iters=1), progress=False)
+
+
+def test_flops_cost_weighs_each_unit_by_its_flops(dit):
+    """``cost="flops"``: the sparsity term is Σ_b c_b α_b with c_b the unit's FLOPs over
+    the mean unit's. The costs have mean 1, so at the first iteration (α = 0.9 everywhere)
+    the term equals the paper's count; training then pushes the costlier units (the DiT's
+    MLPs at these shapes) harder than the paper's count does."""
+    calls = [dit.inputs(t) for t in dit.timesteps[:3]]
+    args, kwargs = calls[0]
+    flops = {u.name: u.flops for u in fxcache.units(dit.model, *args, **kwargs)}
+    base = dict(iters=1, lr=1e-9, lambda_sparsity=0.5, lambda_bimodal=0.0, units=("attention", "mlp"), rollout=False)
+    by_units = learn_mask_details(dit.model, calls, LearnedMask(**base), progress=False)
+    by_flops = learn_mask_details(dit.model, calls, LearnedMask(**base, cost="flops"), progress=False)
+    f = np.array([flops[n] for n in by_flops.units], dtype=np.float64)
+    assert len(set(f)) > 1  # units of unequal cost: the test means something
+    c = f / f.mean()
+    for t in (1, 2):
+        # the first iteration's regulariser at α = 0.9 everywhere (λ2 = 0)
+        reg_units = 0.5 * 0.9 * len(f)
+        reg_flops = 0.5 * 0.9 * c.sum()
+        assert by_units.loss[t, 0] - by_units.feature_loss[t, 0] == pytest.approx(by_units.weights[t] * reg_units,
+                                                                                rel=1e-5)
+        assert by_flops.loss[t, 0] - by_flops.feature_loss[t, 0] == pytest.approx(by_flops.weights[t] * reg_flops,
+                                                                                rel=1e-5)
+    # and training pushes the costlier units harder: after some steps their α is lower
+    train = dict(base, iters=30, lr=0.3, lambda_sparsity=0.02)
+    r = learn_mask_details(dit.model, calls, LearnedMask(**train, cost="flops"), progress=False)
+    u = learn_mask_details(dit.model, calls, LearnedMask(**train), progress=False)
+    costly = c > 1
+    assert (r.alpha[1:, costly].mean() - u.alpha[1:, costly].mean()) < (r.alpha[1:, ~costly].mean()
+                                                                       - u.alpha[1:, ~costly].mean())
+
+
+def test_learned_mask_config_checks_rollout_and_cost():
+    with pytest.raises(ScheduleError, match="cost"):
+        LearnedMask(cost="time")
+    with pytest.raises(ScheduleError, match="rollout"):
+        LearnedMask(rollout="yes")
+    assert LearnedMask().rollout is True and LearnedMask().cost == "units"
+    from fxcache.schedules.registry import schedule_from_dict
+
+    conf = LearnedMask(rollout=False, cost="flops")
+    assert schedule_from_dict(conf.to_dict()) == conf

@@ -9,6 +9,7 @@ engine); the graph contract is checked after every pass (``FXCACHE_CHECK=1``, se
 ``conftest.py``). Also here: CogVideoX at a resolution other than its config's (its
 patch embedding goes through ``Tensor.data``), in its pipeline and alone."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,66 @@ def test_adaptive_schedules_on_spans(family, schedule):
             assert (False in cm.decisions()[None]) == reuses
             same = [torch.equal(o, p) for o, p in zip(outs, plain)]
             assert all(same) if not reuses else not all(same)
+
+
+def _steps(T, n=5):
+    return list(T.timesteps[:n]) if len(T.timesteps) >= n else list(T.timesteps)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_block_cache_from_a_real_profile(family):
+    """Block caching on each newer family: a profile measured on the family's own calls
+    (the profiler's captured graph, no hooks), BlockCache lowered from it, the compiled
+    model equal to the hook reference at every step."""
+    T = tiny(family)
+    steps = _steps(T)
+
+    def run(m, seed):
+        with torch.no_grad():
+            for t in steps:
+                T.call(m, t)
+
+    prof = fxcache.profile(T.model, run, units="transformer_block", seeds=(0,), progress=False)
+    assert prof.num_steps == len(steps) and len(prof.units) >= 2
+    assert np.isfinite(prof.l1rel[1:]).all() and (prof.l1rel[1:] > 0).all()
+    # a δ that reuses some blocks and not others
+    delta = float(np.median(prof.l1rel[1:]))
+    cm = fxcache.compile(T.model, fxcache.BlockCache(threshold=delta, profile=prof, units="transformer_block"),
+                         **EAGER)
+    with torch.no_grad():
+        outs = [T.output(T.call(cm, t)).clone() for t in steps]
+    plan = cm.plan
+    mask = fxcache.Mask(plan.table, plan.units, periodic=plan.periodic)
+    assert any(not all(r) for r in mask.table[1:]), str(mask)
+    with torch.no_grad():
+        ref = NaiveReference(T, mask, cm.entries[-1].units)
+        for step, t in enumerate(steps):
+            torch.testing.assert_close(outs[step], ref(step, t), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_learned_mask_on_a_rollout(family):
+    """Timestep-aware block masking on each newer family, learned along the masked
+    model's own steps (``rollout``): the mask reuses something, and compiled it gives the
+    hook reference's output at every step; the masked run's own outputs are that too."""
+    T = tiny(family)
+    steps = _steps(T)
+    seen = []
+
+    def run(m, seed):
+        with torch.no_grad():
+            seen.append([T.output(T.call(m, t)).clone() for t in steps])
+
+    r = fxcache.learn_mask_details(T.model, run, fxcache.LearnedMask(iters=12, lr=0.3, lambda_sparsity=0.05,
+                                                                    units="transformer_block"), progress=False)
+    mask = r.mask
+    assert mask.num_steps == len(steps) and any(not all(row) for row in mask.table[1:]), str(mask)
+    cm = fxcache.compile(T.model, mask, **EAGER)
+    with torch.no_grad():
+        outs = [T.output(T.call(cm, t)).clone() for t in steps]
+        ref = NaiveReference(T, mask, cm.entries[-1].units)
+        for step, t in enumerate(steps):
+            torch.testing.assert_close(outs[step], ref(step, t), rtol=1e-5, atol=1e-5)
+    assert len(seen) == 2  # the teacher's run, then the masked run
+    for a, b in zip(seen[1], outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -12,10 +12,20 @@ cache) one timestep at a time, with the model frozen::
    previous step, ``r_t = |F(t) - F(t-1)|_1 / |F(t)|_1`` (Eq. 9). ``F`` is the output of the final
    block: the selected unit whose output comes last in the graph (``feature="output"``:
    the model's output instead).
-2. **Per timestep** ``t = 1 .. T-1``, independently (step 0 computes everything): the
-   teacher is evaluated at step t's recorded input to get the target ``F(t)`` and every
-   block's output (which becomes the cache of step t+1); the cache of step t holds the
-   block outputs of the teacher at step t-1. A relaxed mask ``α = sigmoid(θ)`` (θ
+2. **Per timestep** ``t = 1 .. T-1``, in order (step 0 computes everything): the
+   teacher (every block computed) is evaluated at step t's input to get the target
+   ``F(t)``. With ``config.rollout`` (the default, as the paper trains: "perform the
+   denoising process" with the cache "continuously updated as the timestep increases"),
+   step t starts from what the *masked* model holds: each block's cache is its output at
+   the last step whose learned mask computed it, and when ``run(m, seed)`` is given the
+   sampler is driven by the masked model (a second generation, with a drop-in that learns
+   each step's α, thresholds it and returns the masked step's output), so step t's input
+   is the masked model's own latent. With given per-step inputs the inputs are those, the
+   caches still the masked model's. ``rollout=False``: every step independently from the
+   teacher's step t-1 block outputs (a cache older than one step is never seen in
+   training, so runs of reuse go unpunished: on the embedded DiT at 20 steps this
+   variant reuses blocks for 8 steps in a row; see bench/results/table4.md).
+   A relaxed mask ``α = sigmoid(θ)`` (θ
    initialised to ``logit(0.9)``) is trained with Adam on θ only: each iteration samples
    ``m ~ Bernoulli(α)`` and uses the straight-through estimator ``m + α - sg(α)``
    (forward: the sample, backward: identity to α). The relaxation is a rewrite of the
@@ -24,8 +34,10 @@ cache) one timestep at a time, with the model frozen::
    differentiated through the same graph the compiler rewrites (the teacher is that
    graph with every ``m_b = 1``, the model itself bit for bit). The loss (Eq. 11) is ::
 
-       L_t = |F_masked - F|^2 / |F|^2   +   w_t · (λ1 Σ_b α_b + λ2 Σ_b α_b (1 - α_b))
+       L_t = |F_masked - F|^2 / |F|^2   +   w_t · (λ1 Σ_b c_b α_b + λ2 Σ_b α_b (1 - α_b))
 
+   with ``c_b = 1`` (``config.cost="units"``, the paper) or the unit's FLOPs over the
+   mean unit's (``cost="flops"``)
    (relative squared error, so λ1, λ2 mean the same for any feature scale).
    Near α = 1 the regulariser's slope is ``λ1 + λ2 (1 - 2α) ≈ λ1 - λ2`` and the feature
    term only ever rewards computing, so **with λ1 <= λ2 nothing is ever reused**: pick
@@ -46,8 +58,8 @@ cache) one timestep at a time, with the model frozen::
    rewrite's liveness already skips those blocks; rectification makes the mask say so.
 
 Memory: one step's graph at a time. Teacher values are computed under ``no_grad``, the
-loss history holds floats, and of the block outputs only those of steps t-1 (the
-caches) and t (the next step's caches) are kept; the inputs of every step are kept.
+loss history holds floats, and of the block outputs only the caches of step t and those
+of step t+1 are kept; the teacher's inputs of every step are kept (for ``r_t``).
 With ``feature="final_block"`` the blend graph stops at the last block's output.
 Every step's call must have the input shapes of the first one (one captured graph).
 
@@ -171,6 +183,32 @@ class _InputRecorder(DropIn):
         self.calls.append((_clone(tuple(args)), _clone(dict(kwargs))))
         with torch.no_grad():
             return self.model(*args, **kwargs)
+
+
+class _Student(DropIn):
+    """Drop-in for the masked run: at each call, learn that step's α from the caches the
+    masked model holds, then take the step with the thresholded mask and return its
+    output, so the sampler goes on from the masked model's own latents."""
+
+    def __init__(self, model, captured, train, advance, num_steps: int):
+        super().__init__(model)
+        self._captured, self._train, self._advance, self._num_steps = captured, train, advance, num_steps
+        self.t, self._caches = 0, None
+
+    def forward(self, *args, **kwargs):
+        t = self.t
+        if t >= self._num_steps:
+            raise ScheduleError(
+                f"the masked run called the model more than the teacher run's {self._num_steps} times; "
+                f"run(model, seed) must make the same number of calls each time"
+            )
+        flat = _flat_inputs(self.model, self._captured, args, kwargs, t)
+        self._caches, outs = self._train(t, flat, self._caches)
+        self._advance(t)
+        self.t += 1
+        if t + 1 == self._num_steps:
+            self._caches = None  # the last step's caches are read by no one
+        return pytree.tree_unflatten(outs, self._captured.out_spec)
 
 
 def _is_chain(gm, units: list[Unit]) -> bool:
@@ -297,14 +335,16 @@ def learn_mask_details(
             val = nodes[by_name[name].outputs[k]].meta["val"]
             zeros.append(torch.zeros(val.shape, dtype=val.dtype, device=device))
 
+        def _feature_of(outs, blocks):
+            """The feature (see ``feature``) from a blend graph's outputs and slots."""
+            if feature_name == "output":
+                return _tensors(_first_output(pytree.tree_unflatten(list(outs), captured.out_spec)))
+            return [blocks[i] for i in feature_slots]
+
         def run(t: int, weights, caches):
             """The feature at step t and the blended slots (the next step's caches)."""
             outs, blocks = graph(flats[t], weights, caches)
-            if feature_name == "output":
-                feat = _tensors(_first_output(pytree.tree_unflatten(outs, captured.out_spec)))
-            else:
-                feat = [blocks[i] for i in feature_slots]
-            return feat, blocks
+            return _feature_of(outs, blocks), blocks
 
         # r_t of the teacher's feature: one no-grad pass per step (every weight 1: the model),
         # keeping only the previous feature
@@ -326,20 +366,30 @@ def learn_mask_details(
         loss_hist = np.full((T, config.iters), np.nan)
         feat_hist = np.full((T, config.iters), np.nan)
         init = math.log(INIT_ALPHA / (1 - INIT_ALPHA))
+        cost = torch.ones(B, device=device)
+        if config.cost == "flops":
+            f = torch.tensor([float(u.flops) for u in units], device=device)
+            if float(f.sum()) > 0:
+                cost = f / f.mean()
 
         from tqdm.auto import tqdm
 
-        prev_blocks = None
-        bar = tqdm(range(T), desc="learn_mask", unit="step", disable=not progress)
-        for t in bar:
-            # teacher at step t: the target feature, and the block outputs step t+1 reuses
+        rollout = config.rollout
+        # the model's outputs are needed only where the masked model drives the sampler
+        step_graph = graph
+        if rollout and callable(run_or_inputs) and feature != "output":
+            step_graph = blend_graph(captured.gm, units, model_outputs=True)
+
+        def train(t: int, flat, caches):
+            """Learn α at step t from the caches ``caches`` (None at step 0); returns the
+            blended slots that become the caches of step t+1 and the model's outputs
+            (flattened; [] unless ``step_graph`` has them)."""
             with torch.no_grad():
-                target, blocks = run(t, ones, zeros if prev_blocks is None else prev_blocks)
-                target = [f.detach() for f in target]
+                target, blocks = graph(flat, ones, zeros if caches is None else caches)
+                target = [f.detach() for f in (_feature_of(target, blocks))]
                 blocks = [b.detach() for b in blocks]
             if t == 0:
-                prev_blocks = blocks
-                continue
+                return blocks, target_outs(flat, ones, zeros)
             theta = torch.full((B,), init, device=device, dtype=torch.float32, requires_grad=True)
             opt = torch.optim.Adam([theta], lr=config.lr)
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + t)
@@ -349,20 +399,56 @@ def learn_mask_details(
                     a = torch.sigmoid(theta)
                     sample = (torch.rand(B, generator=gen).to(device) < a.detach()).to(a.dtype)
                     mix = sample + a - a.detach()  # straight-through: forward the sample, backward to α
-                    feat, _ = run(t, list(mix.unbind(0)), prev_blocks)
-                    fl = _rel_mse(feat, target)
-                    reg = config.lambda_sparsity * a.sum() + config.lambda_bimodal * (a * (1 - a)).sum()
+                    outs, blended = graph(flat, list(mix.unbind(0)), caches)
+                    fl = _rel_mse(_feature_of(outs, blended), target)
+                    reg = config.lambda_sparsity * (a * cost).sum() + config.lambda_bimodal * (a * (1 - a)).sum()
                     loss = fl + w * reg
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     loss_hist[t, it] = float(loss.detach())
                     feat_hist[t, it] = float(fl.detach())
-            del a, sample, mix, feat, fl, reg, loss  # no graph of step t outlives it
+            del a, sample, mix, outs, blended, fl, reg, loss  # no graph of step t outlives it
             alpha[t] = torch.sigmoid(theta.detach()).cpu().numpy()
-            bar.set_postfix(loss=f"{loss_hist[t, -1]:.3g}", computed=int((alpha[t] > config.threshold).sum()))
-            prev_blocks = blocks
-        del prev_blocks
+            if not rollout:  # the paper's steps taken independently: the teacher's caches go on
+                return blocks, target_outs(flat, ones, caches)
+            # the masked model's own step: what the compiled mask will hold and return
+            m = [torch.tensor(float(v > config.threshold), device=device) for v in alpha[t]]
+            with torch.no_grad():
+                outs, blended = step_graph(flat, m, caches)
+            return [b.detach() for b in blended], list(outs)
+
+        def target_outs(flat, w, caches):
+            """The model's outputs at every weight 1 (the model itself), where they are needed."""
+            if not step_graph.num_outputs or not callable(run_or_inputs):
+                return []
+            with torch.no_grad():
+                return list(step_graph(flat, w, caches)[0])
+
+        bar = tqdm(total=T, desc="learn_mask", unit="step", disable=not progress)
+
+        def advance(t):
+            bar.update(1)
+            if t:
+                bar.set_postfix(loss=f"{loss_hist[t, -1]:.3g}", computed=int((alpha[t] > config.threshold).sum()))
+
+        try:
+            if rollout and callable(run_or_inputs):
+                stepper = _Student(model, captured, train, advance, T)
+                run_or_inputs(stepper, config.seed)
+                if stepper.t != T:
+                    raise ScheduleError(
+                        f"the masked run called the model {stepper.t} times and the teacher run {T} times; "
+                        f"run(model, seed) must make the same number of calls each time"
+                    )
+            else:
+                caches = None
+                for t in range(T):
+                    caches, _ = train(t, flats[t], caches)
+                    advance(t)
+                del caches
+        finally:
+            bar.close()
 
         names = tuple(u.name for u in units)
         table = alpha > config.threshold

@@ -30,6 +30,15 @@ class LearnedMask(_Config):
     num_steps:       steps to learn the mask for (None: the generation's).
     loss_scaling:    use the timestep-aware weights w_t (Sec. 3.4).
     rectify:         apply :func:`rectify` to the thresholded mask (Sec. 3.5).
+    rollout:         True (default): learn along the masked model's own denoising, as the
+                     paper trains: step t starts from the caches the masked model holds
+                     (a block reused at t-1 still holds its value of an earlier step) and,
+                     when ``learn_mask`` gets ``run(m, seed)``, from the masked model's
+                     own latents. False: every step independently from the teacher's
+                     step t-1 outputs (a stale cache is never seen in training).
+    cost:            what the sparsity term counts: ``"units"`` (the paper's Σ_b α_b) or
+                     ``"flops"`` (Σ_b α_b f_b / mean_b f_b, f_b the unit's FLOPs: the same
+                     scale, but a unit costing twice the mean is pushed twice as hard).
     seed:            seed of the noise and of the mask sampling.
     """
 
@@ -45,6 +54,8 @@ class LearnedMask(_Config):
     num_steps: int | None = None
     loss_scaling: bool = True
     rectify: bool = True
+    rollout: bool = True
+    cost: str = "units"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +73,9 @@ class LearnedMask(_Config):
         object.__setattr__(self, "num_steps", _check_int(c, "num_steps", self.num_steps, 1, optional=True))
         _check_bool(c, "loss_scaling", self.loss_scaling)
         _check_bool(c, "rectify", self.rectify)
+        _check_bool(c, "rollout", self.rollout)
+        if self.cost not in ("units", "flops"):
+            raise _bad(c, "cost", self.cost, "'units' or 'flops'")
         object.__setattr__(self, "seed", _check_int(c, "seed", self.seed, 0))
 
 
