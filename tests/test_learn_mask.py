@@ -548,3 +548,86 @@ def test_learned_mask_config_checks_rollout_and_cost():
 
     conf = LearnedMask(rollout=False, cost="flops")
     assert schedule_from_dict(conf.to_dict()) == conf
+
+
+def _returning_run(m, seed):
+    return _run(m, seed)
+
+
+def test_step_sensitivity_is_the_final_move_per_perturbation(dit):
+    """s_t recomputed by hand: the same perturbation added to step t's output by a wrapper
+    written here, the final latent's relative move over eps. The last step of this loop
+    passes its output straight to the result (x - 0.2 eps), so its s_t is exact: 0.2 |ε_T|
+    / |x_T|, a check that does not go through any model."""
+    from fxcache.calibrate.mask_learning import step_sensitivity
+
+    model, eps = dit.model, 1e-2
+    s = step_sensitivity(model, _returning_run, 0, len(STEPS), eps=eps)
+    with torch.no_grad():
+        ref = _run(model, 0).double()
+        outs = _outputs(model, 0)
+    assert s.shape == (len(STEPS),) and (s > 0).all()
+    for t in range(len(STEPS)):
+        g = torch.Generator().manual_seed(1_000_003 + t)
+
+        class Push(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.i = 0
+
+            def forward(self, *a, **k):
+                out = model(*a, **k)
+                if self.i == t:
+                    x = out.sample
+                    out.sample = x + eps * x.pow(2).mean().sqrt() * torch.randn(x.shape, generator=g)
+                self.i += 1
+                return out
+
+        with torch.no_grad():
+            moved = _run(Push(), 0).double()
+        assert s[t] == pytest.approx(float((moved - ref).norm() / ref.norm()) / eps, rel=1e-6)
+    last = outs[-1].double()
+    noise = torch.randn(last.shape, generator=torch.Generator().manual_seed(1_000_003 + len(STEPS) - 1)).double()
+    exact = float((0.2 * eps * last.pow(2).mean().sqrt() * noise).norm() / ref.norm()) / eps
+    assert s[-1] == pytest.approx(exact, rel=1e-5)
+
+
+def test_sensitivity_weights():
+    from fxcache.calibrate.mask_learning import sensitivity_weights
+
+    w = sensitivity_weights([np.nan, 2.0, 1.0, 0.5], 2.0)
+    assert w[0] == 0 and w[1:].mean() == pytest.approx(1.0)
+    assert w[1] / w[2] == pytest.approx(0.25) and w[3] / w[2] == pytest.approx(4.0)
+    assert sensitivity_weights([np.nan, 1.0, 0.0], 1.0)[2] / sensitivity_weights([np.nan, 1.0, 0.0], 1.0)[1] == \
+        pytest.approx(2000.0)  # floored at mean / 1000
+    assert (sensitivity_weights([np.nan, 0.0, 0.0], 1.0)[1:] == 1).all()
+
+
+def test_sensitivity_scaling_and_l2_loss(dit):
+    """``loss_scaling="sensitivity"`` weights the regulariser by s_t^-p (p = 1 with the l2
+    feature loss) from the measured s_t, and the l2 feature term is the square root of the
+    squared one. It needs a run that returns the samples: one that returns nothing is
+    refused after the teacher's run, per-step inputs before any work."""
+    from fxcache.calibrate.mask_learning import sensitivity_weights, step_sensitivity
+
+    conf = LearnedMask(iters=3, lr=0.3, lambda_sparsity=0.05, loss_scaling="sensitivity", feature_loss="l2")
+    r = learn_mask_details(dit.model, _returning_run, conf, progress=False)
+    s = step_sensitivity(dit.model, _returning_run, conf.seed, len(STEPS))
+    np.testing.assert_allclose(r.sensitivity, s, rtol=1e-9)
+    np.testing.assert_allclose(r.weights, sensitivity_weights(s, 1.0), rtol=1e-9)
+    mse = learn_mask_details(dit.model, _returning_run, dataclasses.replace(conf, feature_loss="mse"),
+                             progress=False)
+    np.testing.assert_allclose(mse.weights, sensitivity_weights(s, 2.0), rtol=1e-9)
+    # same first sample, same caches at step 1: the l2 term is the root of the squared one
+    assert r.feature_loss[1, 0] == pytest.approx(math.sqrt(mse.feature_loss[1, 0]), rel=1e-5)
+    def silent(m, seed):
+        _run(m, seed)
+
+    with pytest.raises(ScheduleError, match="must return"):
+        learn_mask(dit.model, silent, conf, progress=False)
+    with pytest.raises(ScheduleError, match="not per-step inputs"):
+        learn_mask(dit.model, [dit.inputs(t) for t in dit.timesteps[:3]], conf, progress=False)
+    with pytest.raises(ScheduleError, match="loss_scaling"):
+        LearnedMask(loss_scaling="always")
+    with pytest.raises(ScheduleError, match="feature_loss"):
+        LearnedMask(feature_loss="l1")

@@ -28,7 +28,17 @@ class LearnedMask(_Config):
     threshold:       α > threshold → compute (1), else reuse (0).
     units:           which units the mask covers (a kind, or kinds / unit names).
     num_steps:       steps to learn the mask for (None: the generation's).
-    loss_scaling:    use the timestep-aware weights w_t (Sec. 3.4).
+    loss_scaling:    the per-step weights w_t of the regulariser: True or ``"change"``
+                     (the paper's timestep-aware weights, Sec. 3.4: from the feature's
+                     relative change r_t), ``"sensitivity"`` (from how much the final
+                     sample moves when step t's output is perturbed, measured on the
+                     teacher's run: a step whose error reaches the final sample s times
+                     more gets 1/s^p the regulariser, p = 2 for ``"mse"``, 1 for ``"l2"``;
+                     ``learn_mask`` then needs ``run(m, seed)`` returning the samples), or
+                     False (w_t = 1).
+    feature_loss:    ``"mse"`` (the paper: relative squared error of the feature) or
+                     ``"l2"`` (relative error norm, its square root: per-step errors that
+                     add up along the trajectory count linearly, not squared).
     rectify:         apply :func:`rectify` to the thresholded mask (Sec. 3.5).
     rollout:         True (default): learn along the masked model's own denoising, as the
                      paper trains: step t starts from the caches the masked model holds
@@ -52,7 +62,8 @@ class LearnedMask(_Config):
     threshold: float = 0.5
     units: str | tuple[str, ...] = "transformer_block"
     num_steps: int | None = None
-    loss_scaling: bool = True
+    loss_scaling: bool | str = True
+    feature_loss: str = "mse"
     rectify: bool = True
     rollout: bool = True
     cost: str = "units"
@@ -71,7 +82,10 @@ class LearnedMask(_Config):
         object.__setattr__(self, "threshold", threshold)
         object.__setattr__(self, "units", _check_selector(c, "units", self.units))
         object.__setattr__(self, "num_steps", _check_int(c, "num_steps", self.num_steps, 1, optional=True))
-        _check_bool(c, "loss_scaling", self.loss_scaling)
+        if not isinstance(self.loss_scaling, bool) and self.loss_scaling not in ("change", "sensitivity"):
+            raise _bad(c, "loss_scaling", self.loss_scaling, "True, False, 'change' or 'sensitivity'")
+        if self.feature_loss not in ("mse", "l2"):
+            raise _bad(c, "feature_loss", self.feature_loss, "'mse' or 'l2'")
         _check_bool(c, "rectify", self.rectify)
         _check_bool(c, "rollout", self.rollout)
         if self.cost not in ("units", "flops"):
