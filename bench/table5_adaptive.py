@@ -230,12 +230,16 @@ def _t5_reference(model, name: str, steps: int, cfg: Config):
     return ref, {**ref_row, "family": "uncached"}, spread
 
 
-def taylorseer_schedule(model, name: str, steps: int, interval: int, warmup: int):
+def taylorseer_schedule(model, name: str | None, steps: int, interval: int, warmup: int, probe_run=None):
     """diffusers' TaylorSeer step rule as an fxcache ``Mask`` over FORA's units: steps
     ``0..warmup-1`` and every ``interval``-th step after ``warmup`` (``(s - warmup - 1) %
-    interval == 0``) compute; the others reuse what FORA reuses."""
+    interval == 0``) compute; the others reuse what FORA reuses. ``probe_run(m)``: one
+    call of the model through ``m`` (default: one 1-step generation of the digit model ``name``)."""
     probe = fxcache.compile(model, fxcache.FORA(interval), backend=None)
-    gen(probe, name, 1, 1, 0)  # builds the plan (its units) for this model
+    if probe_run is None:
+        gen(probe, name, 1, 1, 0)  # builds the plan (its units) for this model
+    else:
+        probe_run(probe)
     plan = probe.plan
     full, reuse = [True] * len(plan.units), list(plan.table[1])
     table = [full if s < warmup or (s - warmup - 1) % interval == 0 else reuse for s in range(steps)]
