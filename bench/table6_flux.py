@@ -1,6 +1,6 @@
 """Table 6, more: searched schedules on table 5's tiny random Flux, and diffusers' caches on the U-Net.
 
-    python bench/table6_flux.py [--steps T] [--iterations N] [--allow-dirty] [--quick]
+    python bench/table6_flux.py [--steps T] [--iterations N] [--allow-dirty] [--quick] [--render]
 
 **Tiny Flux** (table 5's random ``FluxTransformer2DModel``, Euler steps of the flow ODE,
 batch ``flux_samples``): at each FLOP budget of table 6, ``fxcache.search`` finds a
@@ -119,23 +119,10 @@ def flux_section(cfg: H.Config, steps: int, iterations: int, phases: dict) -> di
             "targets": targets(rows)}
 
 
-def targets(rows: list[dict]) -> list[dict]:
-    """Per budget: the best searched row against the best other row at equal or higher measured speed-up."""
-    out = []
-    for budget in T6.T6_BUDGETS:
-        searched = [r for r in rows if r.get("budget") == budget]
-        if not searched:
-            continue
-        best = max(searched, key=lambda r: r["sqnr_db"])
-        rivals = [r for r in rows if r["family"] != "searched" and r["measured"] >= best["measured"]
-                  and r["sqnr_db"] != float("inf")]
-        rival = max(rivals, key=lambda r: r["sqnr_db"]) if rivals else None
-        margin = best["sqnr_db"] - rival["sqnr_db"] if rival else None
-        out.append({"budget": budget, "searched": best["setting"], "searched_sqnr_db": best["sqnr_db"],
-                    "searched_measured": best["measured"], "rival": rival["setting"] if rival else None,
-                    "rival_sqnr_db": rival["sqnr_db"] if rival else None, "margin_db": margin,
-                    "met": margin is None or margin >= T6.T6_MARGIN_DB})
-    return out
+def targets(rows: list[dict]) -> dict:
+    """Table 6's target on these rows (``table6_search.targets6``: per budget and basis, the
+    searched row with the largest margin over the best other row at equal or higher speed-up)."""
+    return T6.targets6([dict(r, method=r["family"]) for r in rows])
 
 
 def diffusers_on_unet(cfg: H.Config, steps: int) -> list[dict]:
@@ -181,13 +168,6 @@ def render(d: dict) -> str:
             f"{r['measured']:.2f}x ({r['measured_min']:.2f}-{r['measured_max']:.2f})", H._f(r["sqnr_db"], "{:.1f}"),
             f"{r['search_s']:.0f} s, {r['evaluations']} candidates, forecast {r['forecast']}" if "search_s" in r
             else "–"]) + " |")
-    tg = []
-    for t in f["targets"]:
-        verdict = "met" if t["met"] else "not met"
-        vs = (f"{t['rival']} ({t['rival_sqnr_db']:.1f} dB)" if t["rival"] else "no other row at that speed-up")
-        tg.append(f"- {t['budget']:g}x: {t['searched']} {t['searched_sqnr_db']:.1f} dB at measured "
-                  f"{t['searched_measured']:.2f}x vs {vs}"
-                  + (f": {t['margin_db']:+.1f} dB" if t["margin_db"] is not None else "") + f" — {verdict}")
     c = f["config"]
     u = "\n".join(f"- {r['hook']}: {r['outcome']}" for r in d["unet_diffusers"])
     # the shared header's title, command, code and wall-time lines; its quality and speed lines describe the
@@ -206,8 +186,7 @@ def render(d: dict) -> str:
         f"{f['batch']}), {f['steps']} Euler steps of the flow ODE; searched on seeds {list(T6.SEARCH_SEEDS)}, judged "
         f"on seed {d['config']['seed']}; {d['iterations']} candidates per forecast order.",
         "\n".join(lines),
-        f"Target (table 6's, margin {T6.T6_MARGIN_DB:g} dB over the best other row at equal or higher measured "
-        f"speed-up):\n\n" + "\n".join(tg),
+        T6._targets_text(targets(f["rows"])),
         "## diffusers' caches on the U-Net",
         f"Each hook applied to the embedded `UNet2DModel`, one generation of {min(d['config']['samples'], 16)} "
         f"samples, DDIM {d['steps']} steps:\n\n{u}",
@@ -220,8 +199,14 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=T6.T6_ITERS, help="search candidates per forecast order")
     ap.add_argument("--quick", action="store_true", help="smoke test: 4 steps, 1 repeat, 4 candidates; not a result")
     ap.add_argument("--allow-dirty", action="store_true")
+    ap.add_argument("--render", action="store_true", help="rewrite the Markdown from the JSON; measure nothing")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.render:
+        path = args.out or OUT
+        path.with_suffix(".md").write_text(render(json.loads(path.read_text())) + "\n")
+        H.log(f"rendered {path.with_suffix('.md')} from {path.name}")
+        return 0
     cfg = H.Config(steps=args.steps, command="python bench/table6_flux.py " + " ".join(
         argv if argv is not None else sys.argv[1:]))
     iterations = args.iterations
