@@ -21,16 +21,22 @@ from harness import (Config, Table, _cached_row, _finish, efficiency_line, gen, 
 #: from r_t), learned along the masked denoising; "teacher caches": the same with rollout=False
 #: (every step from the teacher's previous-step caches); "sensitivity": fxcache's variant
 #: (weights from the measured sensitivity of the final sample, l2 feature loss on the model's
-#: output, sparsity weighted by unit FLOPs).
+#: output, sparsity weighted by unit FLOPs); "sensitivity, K=k": the same with max_reuse=k.
 MASK_SETTINGS: tuple[tuple[float, float, str], ...] = (
     (3e-4, 1e-4, "paper"), (1e-3, 3e-4, "paper"), (3e-3, 1e-3, "paper"), (1e-2, 3e-3, "paper"),
     (1e-3, 3e-4, "teacher caches"),
-    (4e-3, 1.3e-3, "sensitivity"), (7e-3, 2.3e-3, "sensitivity"), (1e-2, 3.3e-3, "sensitivity"),
-    (1.5e-2, 5e-3, "sensitivity"))
+    (7e-3, 2.3e-3, "sensitivity"), (1e-2, 3.3e-3, "sensitivity"),
+    (7e-3, 2.3e-3, "sensitivity, K=2"), (1e-2, 3.3e-3, "sensitivity, K=2"), (1.5e-2, 5e-3, "sensitivity, K=3"),
+    (3e-2, 1e-2, "sensitivity, K=4"))
+_SENSITIVITY = dict(loss_scaling="sensitivity", feature_loss="l2", cost="flops")
 VARIANTS = {
     "paper": (dict(), "final_block"),
     "teacher caches": (dict(rollout=False), "final_block"),
-    "sensitivity": (dict(loss_scaling="sensitivity", feature_loss="l2", cost="flops"), "output"),
+    "sensitivity": (_SENSITIVITY, "output"),
+    # ... with a bound on each unit's run of reuse (LearnedMask.max_reuse)
+    "sensitivity, K=2": (dict(_SENSITIVITY, max_reuse=2), "output"),
+    "sensitivity, K=3": (dict(_SENSITIVITY, max_reuse=3), "output"),
+    "sensitivity, K=4": (dict(_SENSITIVITY, max_reuse=4), "output"),
 }
 #: FORA intervals always measured (the learned rows are compared with FORA interpolated between them)
 FORA_INTERVALS = (2, 3, 4, 5)
@@ -110,7 +116,8 @@ def render4(d: dict) -> str:
     how = ("each step trained from the teacher's previous-step caches (before `rollout`)" if old else
            "with the options of each row's variant: 'paper': the paper's loss, learned along the masked model's "
            "own denoising (`rollout=True`, the default); 'teacher caches': the same with `rollout=False`; "
-           "'sensitivity': `loss_scaling='sensitivity', feature_loss='l2', cost='flops'` and `feature='output'`")
+           "'sensitivity': `loss_scaling='sensitivity', feature_loss='l2', cost='flops'` and `feature='output'`; "
+           "'K=k': also `max_reuse=k` (a unit reused k steps in a row computes at the next)")
     return "\n\n".join([
         md_header(d),
         md_spread(d["spread"], "dit"),

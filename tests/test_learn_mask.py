@@ -631,3 +631,43 @@ def test_sensitivity_scaling_and_l2_loss(dit):
         LearnedMask(loss_scaling="always")
     with pytest.raises(ScheduleError, match="feature_loss"):
         LearnedMask(feature_loss="l1")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_max_reuse_bounds_each_units_run_of_reuse(dit, k):
+    """With a sparsity push that reuses everything it can, ``max_reuse=K`` still computes
+    every unit after K reuses in a row (in the learned, unrectified table), and the mask
+    compiles to the hook reference's outputs; without it, runs are longer than K."""
+    steps = [999, 800, 600, 400, 200, 0]
+
+    def run(m, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        for t in steps:
+            x = x - 0.1 * m(x, timestep=torch.tensor([t, t]), class_labels=torch.tensor([3, 5])).sample
+        return x
+
+    conf = LearnedMask(iters=8, lr=0.5, lambda_sparsity=50.0, max_reuse=k)
+    r = learn_mask_details(dit.model, run, conf, progress=False)
+
+    def longest_run(table):
+        best = 0
+        for b in range(len(table[0])):
+            n = 0
+            for row in table[1:]:
+                n = 0 if row[b] else n + 1
+                best = max(best, n)
+        return best
+
+    assert longest_run(r.unrectified.table) == k
+    free = learn_mask_details(dit.model, run, dataclasses.replace(conf, max_reuse=None), progress=False)
+    assert longest_run(free.unrectified.table) > k
+    cm = fxcache.compile(dit.model, r.mask, backend=None)
+
+    with torch.no_grad():
+        cached = run(cm, conf.seed)
+        with hook_cache(dit.model, r.mask.units, mask_rows(r.mask)):
+            by_hooks = run(dit.model, conf.seed)
+    torch.testing.assert_close(cached, by_hooks, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ScheduleError, match="max_reuse"):
+        LearnedMask(max_reuse=0)

@@ -479,6 +479,8 @@ def learn_mask_details(
         if rollout and callable(run_or_inputs) and feature != "output":
             step_graph = blend_graph(captured.gm, units, model_outputs=True)
 
+        age = np.zeros(B, dtype=np.int64)  # steps since each unit was last computed (thresholded masks)
+
         def train(t: int, flat, caches):
             """Learn α at step t from the caches ``caches`` (None at step 0); returns the
             blended slots that become the caches of step t+1 and the model's outputs
@@ -489,6 +491,9 @@ def learn_mask_details(
                 blocks = [b.detach() for b in blocks]
             if t == 0:
                 return blocks, target_outs(flat, ones, zeros)
+            # units reused max_reuse steps in a row must compute now (their sample is forced to 1)
+            forced = age >= (config.max_reuse if config.max_reuse is not None else T)
+            force = torch.tensor(forced, device=device)
             theta = torch.full((B,), init, device=device, dtype=torch.float32, requires_grad=True)
             opt = torch.optim.Adam([theta], lr=config.lr)
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + t)
@@ -498,6 +503,8 @@ def learn_mask_details(
                     a = torch.sigmoid(theta)
                     sample = (torch.rand(B, generator=gen).to(device) < a.detach()).to(a.dtype)
                     mix = sample + a - a.detach()  # straight-through: forward the sample, backward to α
+                    if forced.any():
+                        mix = torch.where(force, torch.ones_like(mix), mix)
                     outs, blended = graph(flat, list(mix.unbind(0)), caches)
                     fl = _rel_mse(_feature_of(outs, blended), target)
                     if config.feature_loss == "l2":
@@ -511,6 +518,8 @@ def learn_mask_details(
                     feat_hist[t, it] = float(fl.detach())
             del a, sample, mix, outs, blended, fl, reg, loss  # no graph of step t outlives it
             alpha[t] = torch.sigmoid(theta.detach()).cpu().numpy()
+            alpha[t][forced] = 1.0
+            age[:] = np.where(alpha[t] > config.threshold, 0, age + 1)
             if not rollout:  # the paper's steps taken independently: the teacher's caches go on
                 return blocks, target_outs(flat, ones, caches)
             # the masked model's own step: what the compiled mask will hold and return

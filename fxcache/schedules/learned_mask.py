@@ -49,6 +49,10 @@ class LearnedMask(_Config):
     cost:            what the sparsity term counts: ``"units"`` (the paper's Σ_b α_b) or
                      ``"flops"`` (Σ_b α_b f_b / mean_b f_b, f_b the unit's FLOPs: the same
                      scale, but a unit costing twice the mean is pushed twice as hard).
+    max_reuse:       None (the paper), or K >= 1: a unit the learned mask reused K steps in
+                     a row is computed at the next step (its sample is forced to 1 in
+                     training), as MagCache's K bounds a cache's age; each step's mask
+                     is still learned, among the units not forced.
     seed:            seed of the noise and of the mask sampling.
     """
 
@@ -67,6 +71,7 @@ class LearnedMask(_Config):
     rectify: bool = True
     rollout: bool = True
     cost: str = "units"
+    max_reuse: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,6 +95,7 @@ class LearnedMask(_Config):
         _check_bool(c, "rollout", self.rollout)
         if self.cost not in ("units", "flops"):
             raise _bad(c, "cost", self.cost, "'units' or 'flops'")
+        object.__setattr__(self, "max_reuse", _check_int(c, "max_reuse", self.max_reuse, 1, optional=True))
         object.__setattr__(self, "seed", _check_int(c, "seed", self.seed, 0))
 
 
