@@ -171,10 +171,18 @@ def pair_summary_fora(learned: list[dict], fora: list[dict]) -> list[str]:
         paired = sum(r["setting"] in by_match for r in learned)
         out.insert(0, f"The learned mask has the lower FID in {wins} of {paired} pairs (each with the FORA interval of "
                       f"the closest planned FLOPs):")
+        by_variant: dict[str, list[int]] = {}
+        for r in learned:
+            if fora_at(r["ideal"], fora) is None:
+                continue
+            v = r.get("variant", "learned mask").split(",")[0] + (", K" if ", K=" in r.get("variant", "") else "")
+            counts = by_variant.setdefault(v, [0, 0])
+            counts[0] += r in met
+            counts[1] += 1
+        per = "; ".join(f"{v}: {a} of {n}" for v, (a, n) in by_variant.items())
         out.append(f"\nTarget (issue 19): a learned mask at least matches FORA at equal FLOPs (FORA's SQNR interpolated "
                    f"in log FLOP-ideal speed-up between its measured intervals): met by {len(met)} of the {judged} "
-                   f"learned rows inside FORA's measured range"
-                   + (f" ({', '.join(r['setting'] for r in met)})" if met else "") + ".")
+                   f"learned rows inside FORA's measured range ({per}).")
     return out
 
 

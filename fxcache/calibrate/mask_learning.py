@@ -54,11 +54,16 @@ cache) one timestep at a time, with the model frozen::
    generation per step): ``s_t`` = the final samples' relative move per unit of relative
    perturbation of step t's output, and ``w_t ∝ s_t^-p`` (:func:`sensitivity_weights`,
    p = 2 with the squared feature loss, 1 with ``feature_loss="l2"``). On the embedded
-   DiT (DDIM 20) ``s_t`` falls from 2.2 at step 0 to 0.03 at the end: early errors reach
-   the sample ~70x more, while the paper's ``r_t`` is smallest there and so asks for the
-   most reuse early. ``feature_loss="l2"`` takes the square root of the relative error:
+   DiT (DDIM 20, table 4's teacher run) ``s_t`` falls from 2.2 at step 0 to 0.03-0.04 at
+   steps 13-18: an early error reaches the sample 55-80x more, while the paper's ``r_t``
+   is smallest early and so asks for the most reuse there. ``feature_loss="l2"`` takes the square root of the relative error:
    errors of consecutive steps (a stale cache read again and again) add up along the
    trajectory with their norms, which the squared loss undercounts.
+   ``config.max_reuse = K`` (not the paper's): a unit whose learned mask reused it K steps
+   in a row is computed at the next step: its sample is forced to 1 in that step's
+   training and its cell to 1 in the mask, so each step learns among the other units.
+   Each step's loss sees only that step, so without a bound a slowly changing unit can be
+   held stale for most of the generation while the errors add up downstream.
 4. ``m[t] = α_t > threshold``, ``m[0] = 1``, then rectification (Sec. 3.5) when
    ``config.rectify``: the paper's chain rule (:func:`fxcache.schedules.rectify`) when the
    blocks form a chain (each block's output is read only by the next one, as transformer
