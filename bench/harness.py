@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -432,6 +433,29 @@ def write(n: int, data: dict, out: Path, render: Callable[[dict], str]) -> None:
     print(write_markdown(n, _unclean(data), out, render), flush=True)
     log(f"wrote {out / f'table{n}.md'} and table{n}.json"
         + ("; it keeps the hand-written discussion: reread it against the new figures" if had_discussion else ""))
+
+
+def standalone_config(ap: argparse.ArgumentParser, args, cfg: Config, default_out: Path) -> Config:
+    """For a bench script with its own results file (``--out``, ``--quick``, ``--allow-dirty``):
+    where it writes (a temporary folder under ``--quick``), the stamp of the code that runs
+    (a dirty tree refused unless allowed, as the tables), and the thread count applied."""
+    out = args.out or (Path(tempfile.mkdtemp()) / default_out.name if args.quick else default_out)
+    try:
+        source = source_stamp(ROOT, allow_dirty=args.allow_dirty or args.quick)
+    except ProvenanceError as exc:
+        ap.error(str(exc))
+    cfg = dataclasses.replace(cfg, out=out, source=source)
+    torch.set_num_threads(cfg.threads)
+    return cfg
+
+
+def write_standalone(d: dict, out: Path, render: Callable[[dict], str], t0: float) -> None:
+    """Write such a script's JSON and Markdown, with its wall time since ``t0``."""
+    d["wall_s"] = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_clean(d), indent=1))
+    out.with_suffix(".md").write_text(render(d) + "\n")
+    log(f"wrote {out} and {out.with_suffix('.md')} in {d['wall_s']:.0f} s")
 
 
 def _num(x):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -217,13 +216,7 @@ def main(argv=None) -> int:
     if args.quick:
         cfg = dataclasses.replace(cfg, samples=8, steps=4, speed_samples=2, repeats=1, profile_samples=2,
                                   mag_samples=2, flux_samples=1, quick=True)
-    out = args.out or (Path(H.tempfile.mkdtemp()) / OUT.name if args.quick else OUT)
-    try:
-        source = H.source_stamp(H.ROOT, allow_dirty=args.allow_dirty or args.quick)
-    except H.ProvenanceError as exc:
-        ap.error(str(exc))
-    cfg = dataclasses.replace(cfg, out=out, source=source)
-    torch.set_num_threads(cfg.threads)
+    cfg = H.standalone_config(ap, args, cfg, OUT)
     steps = cfg.steps_for(5)
     t0 = time.perf_counter()
     phases = {"quality": 0.0, "speed": 0.0}
@@ -231,11 +224,7 @@ def main(argv=None) -> int:
     d["phases_s"] = phases
     d["dit"] = dit_rows(cfg, steps, phases)
     d["flux"] = flux_rows(cfg, steps, phases)
-    d["wall_s"] = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(H._clean(d), indent=1))
-    out.with_suffix(".md").write_text(render(d) + "\n")
-    H.log(f"wrote {out} and {out.with_suffix('.md')} in {d['wall_s']:.0f} s")
+    H.write_standalone(d, cfg.out, render, t0)
     return 0
 
 

@@ -213,13 +213,7 @@ def main(argv=None) -> int:
     if args.quick:
         cfg = dataclasses.replace(cfg, samples=4, steps=4, repeats=1, flux_samples=1, quick=True)
         iterations = 4
-    out = args.out or (Path(H.tempfile.mkdtemp()) / OUT.name if args.quick else OUT)
-    try:
-        source = H.source_stamp(H.ROOT, allow_dirty=args.allow_dirty or args.quick)
-    except H.ProvenanceError as exc:
-        ap.error(str(exc))
-    cfg = dataclasses.replace(cfg, out=out, source=source)
-    torch.set_num_threads(cfg.threads)
+    cfg = H.standalone_config(ap, args, cfg, OUT)
     steps = cfg.steps_for(6)
     t0 = time.perf_counter()
     phases = {"speed": 0.0, "search": 0.0}
@@ -228,11 +222,7 @@ def main(argv=None) -> int:
     d["phases_s"], d["iterations"] = phases, iterations
     d["flux"] = flux_section(cfg, steps, iterations, phases)
     d["unet_diffusers"] = diffusers_on_unet(cfg, steps)
-    d["wall_s"] = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(H._clean(d), indent=1))
-    out.with_suffix(".md").write_text(render(d) + "\n")
-    H.log(f"wrote {out} and {out.with_suffix('.md')} in {d['wall_s']:.0f} s")
+    H.write_standalone(d, cfg.out, render, t0)
     return 0
 
 

@@ -218,7 +218,7 @@ def test_adaptive_schedules_on_spans(family, schedule):
 
 
 def _steps(T, n=5):
-    return list(T.timesteps[:n]) if len(T.timesteps) >= n else list(T.timesteps)
+    return list(T.timesteps[:n])
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)

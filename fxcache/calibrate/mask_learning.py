@@ -480,22 +480,28 @@ def learn_mask_details(
 
         rollout = config.rollout
         # the model's outputs are needed only where the masked model drives the sampler
+        drives = rollout and callable(run_or_inputs)
         step_graph = graph
-        if rollout and callable(run_or_inputs) and feature != "output":
+        if drives and feature != "output":
             step_graph = blend_graph(captured.gm, units, model_outputs=True)
 
         age = np.zeros(B, dtype=np.int64)  # steps since each unit was last computed (thresholded masks)
 
         def train(t: int, flat, caches):
             """Learn α at step t from the caches ``caches`` (None at step 0); returns the
-            blended slots that become the caches of step t+1 and the model's outputs
-            (flattened; [] unless ``step_graph`` has them)."""
+            blended slots that become the caches of step t+1 and, when the masked model
+            drives the sampler, its outputs at step t (flattened; else [])."""
             with torch.no_grad():
-                target, blocks = graph(flat, ones, zeros if caches is None else caches)
-                target = [f.detach() for f in (_feature_of(target, blocks))]
+                outs, blocks = graph(flat, ones, zeros if caches is None else caches)
+                target = [f.detach() for f in (_feature_of(outs, blocks))]
                 blocks = [b.detach() for b in blocks]
-            if t == 0:
-                return blocks, target_outs(flat, ones, zeros)
+            if t == 0:  # every unit computed: the model itself
+                if not drives:
+                    return blocks, []
+                if step_graph is not graph:
+                    with torch.no_grad():
+                        outs = step_graph(flat, ones, zeros)[0]
+                return blocks, list(outs)
             # units reused max_reuse steps in a row must compute now (their sample is forced to 1)
             forced = age >= (config.max_reuse if config.max_reuse is not None else T)
             force = torch.tensor(forced, device=device)
@@ -525,20 +531,13 @@ def learn_mask_details(
             alpha[t] = torch.sigmoid(theta.detach()).cpu().numpy()
             alpha[t][forced] = 1.0
             age[:] = np.where(alpha[t] > config.threshold, 0, age + 1)
-            if not rollout:  # the paper's steps taken independently: the teacher's caches go on
-                return blocks, target_outs(flat, ones, caches)
+            if not rollout:  # every step independently: the teacher's caches go on
+                return blocks, []
             # the masked model's own step: what the compiled mask will hold and return
             m = [torch.tensor(float(v > config.threshold), device=device) for v in alpha[t]]
             with torch.no_grad():
                 outs, blended = step_graph(flat, m, caches)
             return [b.detach() for b in blended], list(outs)
-
-        def target_outs(flat, w, caches):
-            """The model's outputs at every weight 1 (the model itself), where they are needed."""
-            if not step_graph.num_outputs or not callable(run_or_inputs):
-                return []
-            with torch.no_grad():
-                return list(step_graph(flat, w, caches)[0])
 
         bar = tqdm(total=T, desc="learn_mask", unit="step", disable=not progress)
 
@@ -548,7 +547,7 @@ def learn_mask_details(
                 bar.set_postfix(loss=f"{loss_hist[t, -1]:.3g}", computed=int((alpha[t] > config.threshold).sum()))
 
         try:
-            if rollout and callable(run_or_inputs):
+            if drives:
                 stepper = _Student(model, captured, train, advance, T)
                 run_or_inputs(stepper, config.seed)
                 if stepper.t != T:
