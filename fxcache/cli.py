@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="candidates per forecast order, anneal/evolve (default 60)")
     search.add_argument("--orders", type=_seeds, default=(0, 1, 2), help="forecast orders to try (default 0,1,2)")
     search.add_argument("--units", default="fora",
-                        help="fora (attention/MLP sublayers, default), blocks, or unit kinds/names, comma-separated")
+                        help="fora (attention/MLP sublayers, default), deepcache (a U-Net's skip branches and its "
+                             "outermost layers), blocks, or unit kinds/names, comma-separated")
     search.add_argument("--checkpoint", default=None, help="JSON file of every evaluation: resumes a search")
     search.add_argument("--out", required=True, help="schedule file to write (.json); its folder must exist")
     return parser

@@ -580,17 +580,43 @@ def _exhaustive(problem, evaluate) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
-def _select(infos, units) -> list:
+#: the layer kinds ``units="deepcache"`` adds to the skip branches
+_OUTER_LAYER_KINDS = ("resnet", "attention")
+
+
+def _outer_layers(unitset) -> list[str]:
+    """The layers of a U-Net's outermost level: resnet/attention units inside no skip
+    branch but the shallowest (``skip_branch.0``) or none, i.e. those a DeepCache partial
+    step at branch 0 still runs or that only branch 0 skips."""
+    branches = [u for u in unitset if u.kind == "skip_branch"]
+    if not branches:
+        return []
+    deeper = [b for b in branches if b.index != 0]
+    return [u.name for u in unitset if u.kind in _OUTER_LAYER_KINDS
+            and not any(b.contains(u) for b in deeper)]
+
+
+def _select(unitset, units) -> list:
+    """The searched units' infos, each ``parent`` the smallest enclosing *searched* unit
+    (nesting through an unsearched unit, e.g. ``down_blocks.0`` between
+    ``skip_branch.0`` and ``down_blocks.0.resnets.0``, must not be lost: the search's
+    canonical tables and its FLOP count rest on it)."""
+    infos = unitset.infos()
     if units == "fora":
         picked = fora_units(infos)
     elif units == "blocks":
         picked = block_units(infos)
+    elif units == "deepcache":
+        outer = _outer_layers(unitset)
+        picked = [u for u in infos if u.kind == "skip_branch" or u.name in outer] if outer else []
     else:
         picked = select_units(infos, units, what="search(units=...)")
     if not picked:
         kinds = sorted({u.kind for u in infos})
-        raise ScheduleError(f"search(units={units!r}) selects no unit of this model; its unit kinds: {kinds}")
-    return picked
+        raise ScheduleError(f"search(units={units!r}) selects no unit of this model; its unit kinds: {kinds}"
+                            + ("; 'deepcache' needs DeepCache's skip branches (a U-Net)" if units == "deepcache"
+                               else ""))
+    return unitset.infos([u.name for u in picked])
 
 
 TIES = (None, "block", "step")
@@ -649,7 +675,8 @@ def search(
     speedup / flops: the budget (exactly one): FLOP-ideal speed-up over the generation,
                 or the fraction of the uncached generation's FLOPs.
     seeds:      calibration seeds (keep others for judging the result).
-    units:      ``"fora"`` (attention and MLP sublayers), ``"blocks"`` (whole
+    units:      ``"fora"`` (attention and MLP sublayers), ``"deepcache"`` (a U-Net's skip
+                branches and the resnet/attention layers of its outermost level), ``"blocks"`` (whole
                 transformer blocks), or unit kinds / names (``fxcache.units(model)``).
     tie:        None (each unit decided alone), ``"block"`` (a transformer block's
                 sublayers together) or ``"step"`` (all units together: a step mask,
@@ -707,7 +734,7 @@ def search(
     args, kwargs = first["call"]
     captured = capture(model, args, kwargs)
     unitset = find_units(captured.gm)
-    picked = _select(unitset.infos(), units)
+    picked = _select(unitset, units)
     full_step = unitset.full_flops
     problem = _Problem(picked, full_step, num_steps, 0, _groups(picked, tie))
     problem.budget = _budget(problem.full, speedup, flops)
