@@ -10,8 +10,8 @@ At each FLOP budget (FLOP-ideal speed-up over the generation), ``fxcache.search`
 (``--seed``, never a search seed) with ``--samples`` samples against the uncached run: FID,
 SQNR, class accuracy, and the eager speed figures measured in this run. Rows of the other
 schedules: FORA and TaylorSeer's schedule re-measured here; the adaptive policies and
-diffusers' caches from ``table5.json`` when it was measured at the same model, seed,
-samples and steps (quality is deterministic, so it is the same figure; its speed-ups come
+diffusers' caches from ``table5.json``, and the seed paper's learned masks (DiT) from
+``table4.json``, when they were measured at the same model, seed, samples and steps (quality is deterministic, so it is the same figure; its speed-ups come
 from that run and are marked). The target: at every budget the best searched row beats
 the best other row at equal or higher measured speed-up by at least 2 dB SQNR.
 """
@@ -75,19 +75,26 @@ def _searched_row(model, name, steps, cfg, ref, phases, budget, method, tie, ite
 _REMEASURED = {"dit": ("FORA N=2", "FORA N=3", "TaylorSeer's schedule"), "unet": ("DeepCache 1:2", "DeepCache 1:3")}
 
 
-def _table5_rows(name: str, steps: int, cfg: Config) -> tuple[list[dict], str | None]:
-    path = RESULTS / "table5.json"
+def _recorded_rows(table: int, name: str, steps: int, cfg: Config) -> tuple[list[dict], str | None]:
+    """Rows of an earlier table (5: the adaptive policies and diffusers' caches; 4: the seed
+    paper's learned masks, DiT only) measured at this model, samples, seed and steps: the same
+    generations, so the same quality; their speed-ups come from that run (marked, and used on
+    the FLOP-ideal basis only)."""
+    path = RESULTS / f"table{table}.json"
     if not path.exists():
-        return [], "no bench/results/table5.json"
+        return [], f"no bench/results/table{table}.json"
     d = json.loads(path.read_text())
     c = d["config"]
     if (c.get("samples"), c.get("seed"), d.get("steps")) != (cfg.samples, cfg.seed, steps):
-        return [], (f"table5.json was measured at samples {c.get('samples')}, seed {c.get('seed')}, steps "
+        return [], (f"table{table}.json was measured at samples {c.get('samples')}, seed {c.get('seed')}, steps "
                     f"{d.get('steps')}; this run: {cfg.samples}, {cfg.seed}, {steps}")
-    keep = [r for r in d[name]["rows"] if r["method"] != "uncached"
-            and not r["setting"].startswith(_REMEASURED[name])]
+    if table == 5:
+        keep = [r for r in d[name]["rows"] if r["method"] != "uncached"
+                and not r["setting"].startswith(_REMEASURED[name])]
+    else:
+        keep = [r for r in d["rows"] if r["method"] == "learned mask"] if name == "dit" else []
     for r in keep:
-        r["method"] = f"table 5: {r['method']}"
+        r["method"] = f"table {table}: {r['method']}"
     return keep, None
 
 
@@ -131,9 +138,13 @@ def _section(name: str, cfg: Config, steps: int, iters: int, phases: dict) -> di
         for n in (2, 3, 4):
             others.append(_fx_row(model, fxcache.DeepCache(n, 0), f"DeepCache 1:{n} + forecast order 1",
                                   "DeepCache + forecast", name, steps, cfg, ref, phases, forecast=1))
-    t5, why = _table5_rows(name, steps, cfg)
-    sec = {"spread": spread, "rows": rows + others + t5,
-           "table5_rows": why or f"{len(t5)} rows from table5.json (quality: the same generations; speed: that run)"}
+    recorded, why = [], []
+    for table in (5, 4) if name == "dit" else (5,):
+        got, no = _recorded_rows(table, name, steps, cfg)
+        recorded += got
+        why.append(no or f"{len(got)} rows from table{table}.json")
+    sec = {"spread": spread, "rows": rows + others + recorded,
+           "table5_rows": "; ".join(why) + " (quality: the same generations; speed: that run)"}
     if name == "dit":
         best = max((r for r in rows if r.get("budget") == T6_TRANSFER_BUDGET), key=lambda r: r["sqnr_db"])
         t0 = time.perf_counter()
@@ -274,12 +285,12 @@ def transfer(model, name: str, steps: int, cfg: Config, found, best: dict, iters
 
 #: the two bases of the target: the issue's (measured speed-up, rows timed in this run only:
 #: measured speed-ups of two runs are not comparable, see the README of the results) and
-#: FLOP-ideal (every row, table 5's included: a plan's FLOPs do not depend on the run)
+#: FLOP-ideal (every row, tables 5's and 4's included: a plan's FLOPs do not depend on the run)
 T6_BASES = ("measured", "ideal")
 
 
 def _timed_here(r: dict) -> bool:
-    return not r["method"].startswith("table 5:")
+    return not r["method"].startswith(("table 5:", "table 4:"))
 
 
 def targets6(rows: list[dict]) -> dict:
@@ -317,7 +328,7 @@ def targets6(rows: list[dict]) -> dict:
 def _targets_text(t: dict) -> str:
     lines = [f"Targets: at each budget, the searched row with the largest margin over the best other row at equal "
              f"or higher speed-up (target ≥ {t['margin_db']:g} dB SQNR); measured: rows timed in this run; "
-             f"FLOP-ideal: every row with a plan, table 5's included (diffusers' hooks have no plan).", ""]
+             f"FLOP-ideal: every row with a plan, tables 5's and 4's included (diffusers' hooks have no plan).", ""]
     for e in t["budgets"]:
         for basis in t["bases"]:
             x, word = e[basis], "measured" if basis == "measured" else "FLOP-ideal"
@@ -352,7 +363,7 @@ def _render_section(sec: dict, title: str) -> str:
             ("calib. SQNR", lambda r: _f(r.get("calibration_sqnr_db"), "{:.1f}")),
             ("forecast", lambda r: str(r.get("forecast", 0))))
     masks = "\n\n".join(f"{r['setting']} (forecast order {r['forecast']}):\n\n```\n{r['mask_text']}\n```"
-                         for r in rows if "mask_text" in r)
+                         for r in rows if "mask_text" in r and r.get("budget") is not None)
     out = [f"## {title}", f"Other rows: {sec['table5_rows']}.", md_table(rows, acc=title == "DiT", extra_cols=cols),
            _targets_text(targets6(rows)), _fid_text(sec)]
     if "transfer" in sec:
