@@ -312,3 +312,26 @@ def test_a_unet_search_over_nested_skip_branches(units):
 def _outputs_of(model, schedule, run_fn):
     cached = fxcache.compile(model, schedule, backend=None, verbose=False, fuse=False)
     return run_fn(cached, 0)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_deepcache_units_on_text_conditioned_unets(family):
+    """``units="deepcache"`` on the cross-attention U-Nets (SD, SDXL): the outermost level's
+    resnets and transformers (with their attention sublayers, nested) join the branches,
+    the units are laminar, and the budget holds in the runtime's bound plan."""
+    T = tiny(family)
+    steps = T.timesteps[:5]
+
+    def run_steps(m, seed):
+        with torch.no_grad():
+            return torch.stack([T.output(T.call(m, t)) for t in steps])
+
+    found = fxcache.search(T.model, run_steps, speedup=1.6, seeds=(0,), units="deepcache", forecast=(0,),
+                           method="anneal", iterations=8, progress=False)
+    assert "down_blocks.0.attentions.0" in found.mask.units
+    assert any(u.startswith("skip_branch.") for u in found.mask.units)
+    assert found.planned_flops <= found.budget_flops
+    args, kwargs = T.inputs(steps[0])
+    plan = fxcache.plan_for(T.model, found, *args, num_steps=len(steps), **kwargs)
+    assert plan.planned_flops <= found.planned_flops
+    assert plan.ideal_speedup >= 1.6
