@@ -9,11 +9,14 @@ At each FLOP budget (FLOP-ideal speed-up over the generation), ``fxcache.search`
 (``cfg.profile_samples`` samples each); every row is then judged on the evaluation seed
 (``--seed``, never a search seed) with ``--samples`` samples against the uncached run: FID,
 SQNR, class accuracy, and the eager speed figures measured in this run. Rows of the other
-schedules: FORA and TaylorSeer's schedule re-measured here; the adaptive policies and
-diffusers' caches from ``table5.json``, and the seed paper's learned masks (DiT) from
-``table4.json``, when they were measured at the same model, seed, samples and steps (quality is deterministic, so it is the same figure; its speed-ups come
-from that run and are marked). The target: at every budget the best searched row beats
-the best other row at equal or higher measured speed-up by at least 2 dB SQNR.
+schedules: FORA/DeepCache (+ forecast) and TaylorSeer's schedule measured here; the
+adaptive policies and diffusers' caches from ``table5.json``, and the seed paper's learned
+masks (DiT) from ``table4.json``, when they were measured at the same model, seed, samples
+and steps (quality is deterministic, so it is the same figure; their speed-ups come from
+that run and are marked). On the U-Net the search runs over ``units="deepcache"``; each
+budget's best searched row is also generated on two more evaluation seeds for its FID
+spread. The target: at every budget the best searched row beats the best other row at
+equal or higher measured speed-up by at least 2 dB SQNR.
 """
 
 from __future__ import annotations
@@ -333,7 +336,8 @@ def targets6(rows: list[dict]) -> dict:
 def _targets_text(t: dict) -> str:
     lines = [f"Targets: at each budget, the searched row with the largest margin over the best other row at equal "
              f"or higher speed-up (target ≥ {t['margin_db']:g} dB SQNR); measured: rows timed in this run; "
-             f"FLOP-ideal: every row with a plan, tables 5's and 4's included (diffusers' hooks have no plan).", ""]
+             f"FLOP-ideal: every row with a plan, rows recorded from earlier tables included (diffusers' hooks "
+             f"have no plan).", ""]
     for e in t["budgets"]:
         for basis in t["bases"]:
             x, word = e[basis], "measured" if basis == "measured" else "FLOP-ideal"
