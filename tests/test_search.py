@@ -234,6 +234,8 @@ def test_deepcache_units_are_the_branches_and_the_outermost_layers():
     # nesting among the searched units: the layer's module parent (down_blocks.0) is not searched
     assert by["down_blocks.0.resnets.0"].parent == "skip_branch.0"
     assert by["up_blocks.2.resnets.1"].parent is None
+    with pytest.raises(fxcache.ScheduleError, match="for a U-Net try units='deepcache'"):
+        _select(us, "fora")  # the default selects nothing on UNet2DModel: the error says what to use
 
 
 def test_cost_is_the_plans_estimate():

@@ -613,9 +613,9 @@ def _select(unitset, units) -> list:
         picked = select_units(infos, units, what="search(units=...)")
     if not picked:
         kinds = sorted({u.kind for u in infos})
-        raise ScheduleError(f"search(units={units!r}) selects no unit of this model; its unit kinds: {kinds}"
-                            + ("; 'deepcache' needs DeepCache's skip branches (a U-Net)" if units == "deepcache"
-                               else ""))
+        hint = ("; 'deepcache' needs DeepCache's skip branches (a U-Net)" if units == "deepcache"
+                else "; for a U-Net try units='deepcache'" if "skip_branch" in kinds else "")
+        raise ScheduleError(f"search(units={units!r}) selects no unit of this model; its unit kinds: {kinds}{hint}")
     return unitset.infos([u.name for u in picked])
 
 
