@@ -170,10 +170,9 @@ def _fid_spreads(model, name: str, steps: int, cfg: Config, rows: list[dict], fo
             continue
         best = max(mine, key=lambda r: r["sqnr_db"])
         f = found[(budget, best["search_method"], best["search_tie"])]
-        fids = [best["fid"]]
-        for s in seeds:
+        cm, fids = _t5_compile(model, f, steps, forecast=f.forecast), [best["fid"]]
+        for s in seeds:  # gen starts a fresh generation of the CachedModel each time
             log(f"{name}: FID spread of '{best['setting']}', seed {s}")
-            cm = _t5_compile(model, f, steps, forecast=f.forecast)
             fids.append(fid_digits(gen(cm, name, steps, cfg.samples, s)))
         best["fid_seeds"], best["fid_all"] = [cfg.seed, *seeds], fids
 
